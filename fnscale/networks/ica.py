@@ -1,0 +1,82 @@
+"""FastICA (logcosh, parallel/symmetric decorrelation) on a small matrix.
+
+Only small matrices reach ICA: Z (tokens x k) for temporal ICA or V_k^T (neurons x k) for
+spatial ICA. We whiten exactly here (eigendecomposition of the k x k covariance, ddof=1) and
+hand the white data to scikit-learn's FastICA with `whiten=False`, so the unmixing it finds is
+orthogonal and the mixing matrix has a closed form:
+
+    X - mean = sources @ mixing_.T,     sources = (X - mean) @ unmixing_.T  (unit variance)
+
+Re-whitening Z exactly also absorbs the small error of the streaming PCA's singular values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from fnscale.errors import UsageError
+
+
+@dataclass
+class ICAResult:
+    sources_: np.ndarray  # (samples x k), unit variance (ddof=1)
+    mixing_: np.ndarray  # (features x k)
+    unmixing_: np.ndarray  # (k x features)
+    mean_: np.ndarray  # (features,)
+    n_iter_: int
+    converged_: bool
+
+
+def fast_ica(
+    X: np.ndarray,
+    *,
+    n_components: int | None = None,
+    seed: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+) -> ICAResult:
+    """Deterministic FastICA of X (samples x features) for a given `seed`.
+
+    `n_components` < features keeps the leading principal directions of X before the rotation.
+    Warns (does not fail) when FastICA stops at `max_iter` before reaching `tol`.
+    """
+    from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
+
+    X = np.asarray(X, dtype=np.float64)
+    n, f = X.shape
+    k = f if n_components is None else int(n_components)
+    if not 1 <= k <= f:
+        raise UsageError(f"ICA needs 1 <= n_components <= {f} features, got {k}")
+    if n <= k:
+        raise UsageError(f"ICA of {k} components needs more than {k} samples, got {n}; use more data or fewer components")
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    lam, E = np.linalg.eigh(Xc.T @ Xc / (n - 1))
+    lam, E = lam[::-1][:k], E[:, ::-1][:, :k]
+    if lam[-1] <= lam[0] * 1e-12:
+        raise UsageError(
+            f"the data have fewer than {k} independent directions; lower n_components "
+            "or capture more varied text"
+        )
+    K = E / np.sqrt(lam)  # features x k whitening
+    Xw = Xc @ K
+    ica = FastICA(whiten=False, fun="logcosh", algorithm="parallel", max_iter=max_iter, tol=tol, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        ica.fit(Xw)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if not converged:
+        warnings.warn(
+            f"FastICA did not converge in {max_iter} iterations (tol {tol}); the networks may be "
+            "unstable: use more tokens, fewer components, or a larger max_iter",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    W = ica.components_  # k x k, orthogonal because Xw is white
+    unmixing = W @ K.T
+    mixing = (E * np.sqrt(lam)) @ W.T
+    return ICAResult(Xc @ unmixing.T, mixing, unmixing, mean, int(ica.n_iter_), converged)

@@ -1,0 +1,1 @@
+"""Fused mask kernels (Triton) and their torch reference; installed as fnscale.kernels."""
