@@ -20,8 +20,11 @@ Single process: `decompose(batches, k)`. Distributed (every rank runs the same c
     dec.merge_stats()                 # all_gather_object + fixed-order merge, identical on all ranks
     for b in my_batches(): dec.update_pca(b)
     dec.merge_pca()
-    z = np.concatenate([dec.project(b) for b in my_batches()])   # temporal only
-    result = dec.finish(torch_all_gather(z))   # list of per-rank Z in rank order, or run on rank 0
+    z = [dec.project(b) for b in my_batches()]        # temporal only; [] on a rank with no data
+    result = dec.finish(torch_all_gather(z))           # per-rank lists in rank order -> FastICA
+
+Every rank then holds the same result (same Z, same seed, same CPU code). To run FastICA once,
+gather Z to rank 0 instead (`dist.gather_object`), call `finish` there and broadcast the result.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class StreamingDecomposer:
         IncrementalPCA(1, **self._pca_kwargs)  # refuse an unknown/unavailable backend before any pass
         self.stats_ = RunningStats()
         self.pca_: IncrementalPCA | None = None
+        self._projector = None
 
     @property
     def n_passes(self) -> int:
@@ -141,6 +145,7 @@ class StreamingDecomposer:
 
     def update_pca(self, batch) -> None:
         batch = as_2d(batch)
+        self._projector = None
         if self.pca_ is None:
             self.pca_ = self._start_pca(int(batch.shape[1]))
         if batch.shape[0]:
@@ -151,6 +156,7 @@ class StreamingDecomposer:
         if self.pca_ is None:  # a rank with no batches still takes part in the collective
             self.pca_ = self._start_pca(self.stats_.n_features or 0)
         self.pca_.set_state(merge_across_ranks(self.pca_.get_state(), gather_fn))
+        self._projector = None
 
     def pca_state(self) -> PCAState:
         if self.pca_ is None:
@@ -185,14 +191,14 @@ class StreamingDecomposer:
 
     def project(self, batch) -> np.ndarray:
         """Pass 3: this batch's coordinates in the top-k principal directions (tokens x k)."""
-        if not hasattr(self, "_projector"):
+        if self._projector is None:
             self._final_state()
             self._projector = self.pca_.projector(self.n_components)
         return self._projector(batch)
 
     def finish(self, Z: np.ndarray | Sequence[np.ndarray] | None = None) -> Decomposition:
         """Run FastICA and threshold the maps. Temporal: Z holds every token's `project` rows
-        (one array, or per-rank arrays in rank order). Spatial: Z is not used."""
+        (one array, or nested lists of arrays in rank/batch order). Spatial: Z is not used."""
         st = self._final_state()
         k, n = self.n_components, st.n_samples_seen_
         V = st.components_[:k]  # k x D
@@ -200,7 +206,7 @@ class StreamingDecomposer:
         if self.kind == "temporal":
             if Z is None:
                 raise UsageError("temporal ICA needs the projected tokens: pass Z from project() (pass 3)")
-            Z = np.concatenate([np.asarray(z, dtype=np.float64).reshape(-1, k) for z in Z]) if isinstance(Z, (list, tuple)) else np.asarray(Z, np.float64)
+            Z = np.concatenate([np.asarray(z, dtype=np.float64).reshape(-1, k) for z in _flatten(Z)] or [np.zeros((0, k))])
             if Z.shape != (n, k):
                 raise UsageError(f"Z must be {n} tokens x {k} components (all ranks), got {Z.shape}; the batches changed between passes")
             ica = fast_ica(Z, seed=self.seed, max_iter=self.max_iter, tol=self.tol)
@@ -235,6 +241,14 @@ class StreamingDecomposer:
             converged=ica.converged_,
             extra={"ica_n_iter": ica.n_iter_, "pca_singular_values": st.singular_values_[:k], "backend": self.pca_.backend_},
         )
+
+
+def _flatten(parts):
+    if isinstance(parts, (list, tuple)):
+        for p in parts:
+            yield from _flatten(p)
+    else:
+        yield parts
 
 
 def _passes(batches, n_passes: int) -> Callable[[], Iterable]:

@@ -23,6 +23,7 @@ from fnscale.errors import UsageError
 # A neuron whose std is below this fraction of |mean| (or exactly 0) is treated as constant:
 # float64 rounding of a constant column leaves a std around 1e-16 |mean|, never 1e-9 |mean|.
 _CONSTANT_RTOL = 1e-9
+_BLOCK_ELEMENTS = 1 << 24
 
 
 def as_2d(batch, name: str = "batch"):
@@ -52,8 +53,9 @@ def batch_moments(batch) -> tuple[int, np.ndarray, np.ndarray]:
         mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
     else:
         x = np.asarray(batch, dtype=np.float64)
-        mean = x.mean(axis=0)
-        m2 = ((x - mean) ** 2).sum(axis=0)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is refused below
+            mean = x.mean(axis=0)
+            m2 = ((x - mean) ** 2).sum(axis=0)
     if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
         raise UsageError(
             "activations contain NaN or inf; run the model in a dtype that does not overflow "
@@ -85,11 +87,12 @@ class RunningStats:
     def update(self, batch) -> "RunningStats":
         """Fold one batch (tokens x neurons) into the state in place; empty batches are skipped."""
         batch = as_2d(batch)
-        if batch.shape[0] == 0:
-            return self
-        n, mean, m2 = batch_moments(batch)
-        merged = merge(self, RunningStats(n, mean, m2))
-        self.count_, self.mean_, self.m2_ = merged.count_, merged.mean_, merged.m2_
+        # float64 copies are made per block of rows (~128 MiB), never for the whole batch
+        rows = max(1, _BLOCK_ELEMENTS // max(int(batch.shape[1]), 1))
+        state = RunningStats(self.count_, self.mean_, self.m2_)
+        for start in range(0, batch.shape[0], rows):
+            state = merge(state, RunningStats(*batch_moments(batch[start : start + rows])))
+        self.count_, self.mean_, self.m2_ = state.count_, state.mean_, state.m2_
         return self
 
     def var(self, ddof: int = 1) -> np.ndarray:

@@ -195,7 +195,11 @@ class Templates:
                 return cls._from_reference(data)
         except UsageError as err:
             msg = str(err)
-            raise UsageError(msg if str(path) in msg else f"{path}: {msg}") from None
+            if str(path) not in msg:
+                msg = f"{path}: {msg}"
+            if "fnscale templates build" not in msg and "upgrade" not in msg:
+                msg = f"{msg}; {_REBUILD}"
+            raise UsageError(msg) from None
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UsageError(f"{path} is malformed ({type(err).__name__}: {err}); {_REBUILD}") from None
         raise UsageError(

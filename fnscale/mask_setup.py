@@ -1,0 +1,129 @@
+"""Masks for training: load (or compute) templates, build masks on the main process, broadcast them,
+apply them on every rank, and keep masked neurons' weights untouched.
+
+Untouched under each distribution mode:
+- single device, DDP, ZeRO-2: `MaskedWeightGuard` snapshots the masked slices and restores them after
+  every optimizer step (robust to weight decay and any optimizer); LoRA slices are held at zero.
+- ZeRO-3 (parameters are partitioned, slices cannot be written): masked slices get exactly zero
+  gradient, LoRA slices start at zero, and the MLP tensors holding masked slices get no weight decay,
+  so AdamW leaves them exactly where they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fnscale.errors import UsageError
+from fnscale.masking import apply_masks, build_masks, find_mlp_layers, protect_masked_weights, unwrap
+from fnscale.networks.capture import parse_layers
+from fnscale.networks.templates import Templates
+
+log = logging.getLogger(__name__)
+
+
+def parse_component_ids(spec: str | None) -> list[int]:
+    """`0,3` or the reference's `[0, 3]` -> [0, 3]."""
+    if spec is None or not str(spec).strip("[] "):
+        raise UsageError("--mask-mode needs --ica-component-ids, e.g. 0,3")
+    try:
+        ids = [int(p) for p in str(spec).strip("[] ").split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3") from None
+    if any(i < 0 for i in ids):
+        raise UsageError(f"component ids must be >= 0, got {spec!r}")
+    return ids
+
+
+def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
+    """Templates from the first --ica-samples training examples, saved in the output dir."""
+    from fnscale.networks.build import build_templates
+
+    samples = [ex["input_ids"] for ex in sft.train[: cfg.ica_samples]]
+    templates = build_templates(
+        model, samples, n_components=cfg.ica_components, percentile=cfg.ica_percentile, site=cfg.ica_site,
+        batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed, accelerator=accelerator,
+        model_name=model_name, datasets=[cfg.dataset or "default"],
+    )
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir) / "templates"
+        templates.save(out / "global_templates.json")
+        templates.save_heatmap(out / "coverage.png")
+        log.info("computed %d functional networks on %d samples; saved in %s", cfg.ica_components, len(samples), out)
+    return templates
+
+
+class Masker:
+    """The training loop's view of masking: attach after `prepare`, `after_step` after each optimizer step."""
+
+    def __init__(self, masks: dict[int, torch.Tensor], site: str, kernel: str, compact: bool | None, guard, zero3: bool, decay_free: set[int]):
+        self.masks, self.site, self.kernel, self.compact = masks, site, kernel, compact
+        self.guard, self.zero3, self._decay_free = guard, zero3, decay_free
+        self.handle = None
+
+    def no_decay_params(self) -> set[int]:
+        return self._decay_free
+
+    def attach(self, model) -> None:
+        self.handle = apply_masks(model, self.masks, site=self.site, kernel=self.kernel, compact=False if self.zero3 else self.compact)
+
+    def after_step(self) -> None:
+        if self.guard is not None and not self.zero3:
+            self.guard.restore()
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.after_step()
+
+    def stats(self) -> dict[str, float]:
+        per_layer = {layer: int((m == 0).sum()) for layer, m in sorted(self.masks.items())}
+        total = sum(m.numel() for m in self.masks.values())
+        out = {f"masked_neurons/layer_{layer}": n for layer, n in per_layer.items()}
+        out["masked_neurons/total"] = sum(per_layer.values())
+        out["masked_neurons/share_of_masked_layers"] = sum(per_layer.values()) / max(1, total)
+        return out
+
+
+def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Masker:
+    """Everything before `accelerator.prepare`: templates, masks (main process, broadcast), weight guard."""
+    from fnscale.distributed import zero_stage
+
+    ids = parse_component_ids(cfg.ica_component_ids)
+    layers = find_mlp_layers(model)
+    if cfg.ica_template_path:
+        templates = Templates.load(cfg.ica_template_path)
+    else:
+        templates = compute_templates(cfg, model, tokenizer, sft, accelerator, model_name)
+    site = templates.site
+    width = layers[0].width if site == "intermediate" else layers[0].hidden
+    templates.check_compatible(len(layers), width, site)
+
+    masks = None
+    if accelerator.is_main_process:
+        neurons = templates.component_neurons(ids)
+        chosen = parse_layers(cfg.ica_layers, len(layers)) if cfg.ica_layers else None
+        masks = {k: v.cpu() for k, v in build_masks(neurons, cfg.mask_mode, len(layers), width, layers=chosen).items()}
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [masks]
+        broadcast_object_list(box, from_process=0)
+        masks = box[0]
+
+    zero3 = zero_stage(accelerator) == 3
+    guard = protect_masked_weights(model, masks, site=site)  # zeroes LoRA slices now, before ZeRO partitions
+    decay_free: set[int] = set()
+    if zero3:
+        for index in masks:
+            for module in [layers[index].down] + [m for m, _ in layers[index].ups]:
+                base = unwrap(module)
+                decay_free.update(id(p) for p in base.parameters(recurse=False) if p.requires_grad)
+    compact = {"auto": None, "on": True, "off": False}[cfg.compact]
+    kept = float(np.mean([float(m.mean()) for m in masks.values()]))
+    log.info("masks: %s components %s on %d layers at site %s (%.1f%% of their neurons kept)", cfg.mask_mode, ids, len(masks), site, 100 * kept)
+    return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free)

@@ -1,0 +1,91 @@
+"""Activation capture: hooks that stream the MLP neurons of chosen layers, non-padding tokens only.
+
+Sites: `intermediate` (the down projection's input, where masks act; the default) and
+`mlp_output` (the MLP's output, hidden-size channels, the site of Liu et al. 2025).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fnscale.errors import UsageError
+from fnscale.masking import SITES, find_mlp_layers
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list[int]:
+    """`0-7,12` -> [0, 1, ..., 7, 12]; None or `all` -> every layer."""
+    if spec is None or str(spec).strip().lower() in ("", "all"):
+        return list(range(num_layers))
+    out: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), (int(hi) if sep else int(lo)) + 1))
+    except ValueError:
+        raise UsageError(f"bad layer spec {spec!r}; use e.g. 0-7,12") from None
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad or not out:
+        raise UsageError(f"layers {bad or spec} out of range for a model with {num_layers} layers (0-{num_layers - 1})")
+    return sorted(set(out))
+
+
+class ActivationCapture:
+    """Context manager: while active, `run(batch)` returns tokens x (layers*width) float32 activations."""
+
+    def __init__(self, model, site: str = "intermediate", layers: list[int] | None = None):
+        if site not in SITES:
+            raise UsageError(f"unknown capture site {site!r}; use {' or '.join(SITES)}")
+        self.model, self.site = model, site
+        all_layers = find_mlp_layers(model)
+        self.layers = list(range(len(all_layers))) if layers is None else list(layers)
+        self.num_layers = len(all_layers)
+        self._mlps = [all_layers[i] for i in self.layers]
+        self.width = self._mlps[0].width if site == "intermediate" else self._mlps[0].hidden
+        self._store: dict[int, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for pos, layer in enumerate(self._mlps):
+            if self.site == "intermediate":
+                self._handles.append(layer.down.register_forward_pre_hook(self._pre(pos)))
+            else:
+                self._handles.append(layer.mlp.register_forward_hook(self._post(pos)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._store.clear()
+
+    def _pre(self, pos):
+        def hook(module, args):
+            self._store[pos] = args[0].detach()
+
+        return hook
+
+    def _post(self, pos):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self._store[pos] = out.detach()
+
+        return hook
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """One forward pass; the kept tokens' activations, layers concatenated in `self.layers` order."""
+        self._store.clear()
+        self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        keep = attention_mask.reshape(-1).bool()
+        parts = []
+        for pos in range(len(self._mlps)):
+            act = self._store[pos]
+            parts.append(act.reshape(-1, act.shape[-1])[keep.to(act.device)].float().cpu())
+        return torch.cat(parts, dim=1).numpy()
+
+    @torch.no_grad()
+    def dummy(self, device) -> None:
+        """A throw-away forward, so a rank with no batch left still joins ZeRO-3's collectives."""
+        ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
