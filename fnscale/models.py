@@ -84,12 +84,13 @@ def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
     target = cache_dir() / "models" / f"{name or gguf_path.stem}-{key}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    _check_gguf_architecture(gguf_path)
     log.info("converting %s to %s (once; ~30 s)", gguf_path.name, target)
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError) as err:
-        raise UsageError(f"cannot load GGUF file {gguf_path}: {str(err).splitlines()[0]} (architecture not supported by transformers' GGUF loader?)") from err
+    except (ValueError, KeyError, NotImplementedError, TypeError) as err:
+        raise UsageError(f"cannot load GGUF file {gguf_path}: {str(err).splitlines()[0][:200]}") from err
     # The GGUF weights are de-quantised in memory; drop the quantizer so they save as plain safetensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -100,6 +101,21 @@ def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """Refuse, in one line, a file that is not GGUF or whose architecture transformers cannot load."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, OSError, IndexError) as err:
+        raise UsageError(f"{path} is not a readable GGUF file ({str(err).splitlines()[0][:120]})") from err
+    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if arch not in supported:
+        raise UsageError(f"GGUF file {path.name} has architecture {arch!r}, which transformers cannot load; supported: {', '.join(supported)}")
 
 
 @dataclass
