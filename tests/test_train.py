@@ -137,3 +137,12 @@ def test_push_to_hub_sends_the_final_folder(tiny_llama, sft_file, tmp_path, monk
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert b"hf_secret_token_123" not in f.read_bytes(), f
+
+
+def test_qlora_training_on_cpu(tiny_llama, sft_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    summary = train(cfg(tiny_llama, sft_file, tmp_path, max_steps=3, load_in_4bit=True, learning_rate=1e-2))
+    assert summary["steps"] == 3
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in rows if "loss" in r)
