@@ -1,47 +1,180 @@
-"""Accelerator construction: the one place that knows about CPU/gloo, DeepSpeed and FSDP quirks."""
+"""Accelerator construction: the one place that knows about CPU/gloo, DeepSpeed and FSDP quirks.
+
+What `accelerate launch` leaves to the script, fixed here so that every launch config in
+`launch_configs/` behaves the same on CPU and GPU:
+
+- A MULTI_GPU config with `use_cpu: true` does not export ACCELERATE_USE_CPU to the workers, so a
+  plain `Accelerator()` on a CPU machine sets up a process group but no DDP: every rank trains its own
+  unsynchronised copy. On CPU we ask for `cpu=True` (DDP over gloo) explicitly.
+- DeepSpeed on CPU must *not* see ACCELERATE_USE_CPU (Accelerate then silently falls back to plain DDP)
+  and needs the gloo backend (DeepSpeed's `init_distributed` is given it through InitProcessGroupKwargs).
+- FSDP on CPU is refused; a relative `deepspeed_config_file` is also looked up beside this checkout.
+- After construction, a multi-process launch that did not end up synchronised is refused.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 from datetime import timedelta
+from pathlib import Path
 
-from fnscale.errors import UsageError
+from fnscale.errors import RunError, UsageError
+
+log = logging.getLogger(__name__)
+
+# The checkout that holds launch_configs/ (an editable install); relative DeepSpeed JSON paths fall back to it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _has_accelerator_device() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        return True
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def _use_cpu() -> bool:
-    import torch
+    """True when the run is on CPU: asked for (ACCELERATE_USE_CPU) or nothing else is there."""
+    return _truthy("ACCELERATE_USE_CPU") or not _has_accelerator_device()
 
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not (
-        torch.cuda.is_available() or (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _requested_deepspeed() -> bool:
+    return _truthy("ACCELERATE_USE_DEEPSPEED")
+
+
+def _requested_fsdp() -> bool:
+    # `accelerate launch` exports ACCELERATE_USE_FSDP=true for distributed_type: FSDP (FSDP1 and FSDP2).
+    return _truthy("ACCELERATE_USE_FSDP") or os.environ.get("ACCELERATE_DISTRIBUTED_TYPE", "").upper() == "FSDP"
+
+
+def _resolve_deepspeed_config_file() -> None:
+    """Check the DeepSpeed JSON exists; a relative path missing from the working folder is looked up in the checkout."""
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not ds_file or ds_file == "none" or os.path.isfile(ds_file):
+        return
+    fallback = REPO_ROOT / ds_file
+    if not os.path.isabs(ds_file) and fallback.is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(fallback)
+        return
+    raise UsageError(
+        f"DeepSpeed config {ds_file} not found (relative paths are read from the working folder {os.getcwd()}); "
+        "fix deepspeed_config_file in your accelerate config or run from the repository root"
     )
 
 
 def check_launch_env() -> None:
     """Refuse launch settings that silently misbehave."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and _use_cpu():
-        raise UsageError("FSDP on CPU runs unsynchronised copies in Accelerate; use DeepSpeed or DDP (launch_configs/cpu_2proc.yaml) on CPU")
-    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and ds_file and ds_file != "none":
-        if not os.path.isfile(ds_file):
-            raise UsageError(f"DeepSpeed config {ds_file} not found; fix deepspeed_config_file in your accelerate config")
+    if _requested_fsdp() and _use_cpu():
+        raise UsageError(
+            "FSDP does not run on CPU under Accelerate (the ranks would silently train unsynchronised copies); on CPU use DDP (launch_configs/cpu_2proc.yaml) "
+            "or DeepSpeed (launch_configs/cpu_2proc_zero2.yaml / cpu_2proc_zero3.yaml)"
+        )
+    if _requested_deepspeed():
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("the launch config asks for DeepSpeed but it is not installed; `pip install deepspeed` or pick a DDP config")
+        _resolve_deepspeed_config_file()
+        if _truthy("ACCELERATE_USE_CPU") and _has_accelerator_device():
+            raise UsageError(
+                "DeepSpeed with use_cpu: true on a machine with a GPU would mix devices; drop use_cpu (or use a DDP config for CPU)"
+            )
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | None = None, log_with: str | None = None):
-    """An Accelerator whose process group uses gloo on CPU (NCCL cannot run there), seeded data order."""
+def _auto_deepspeed_precision() -> None:
+    """DeepSpeed JSON with bf16/fp16 "auto" and no --mixed_precision: bf16 on GPUs that support it, else fp16.
+
+    Accelerate refuses mixed_precision in a launch YAML that points at a DeepSpeed JSON and resolves "auto"
+    to off, which would train a GPU run without mixed precision; this mirrors fnscale's --dtype auto.
+    On CPU nothing changes (fp32).
+    """
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("", "no") or _use_cpu():
+        return
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return  # Accelerate reports a malformed file itself
+    if all(str((cfg.get(k) or {}).get("enabled", "")).lower() == "auto" for k in ("bf16", "fp16")):
+        import torch
+
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | None = None, log_with: str | None = None,
+                     max_grad_norm: float | None = None):
+    """An Accelerator whose process group uses gloo on CPU (NCCL cannot run there), seeded data order.
+
+    Under DeepSpeed, clipping happens inside the engine: `max_grad_norm` fills the config's "auto"
+    gradient_clipping (Accelerate would otherwise put 1.0 there whatever the run asked for).
+    """
     check_launch_env()
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
-    kwargs = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        kwargs = [InitProcessGroupKwargs(backend="gloo" if _use_cpu() else None, timeout=timedelta(minutes=30))]
-    return Accelerator(
+    if _requested_deepspeed():
+        _auto_deepspeed_precision()
+    multi = world_size() > 1
+    cpu = _use_cpu()
+    kwargs, force_cpu = [], False
+    if multi:
+        kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else None, timeout=timedelta(minutes=30))]
+        if cpu and _requested_deepspeed():
+            # Accelerate skips DeepSpeed entirely when it believes it runs on CPU; DeepSpeed picks its CPU accelerator itself.
+            os.environ["ACCELERATE_USE_CPU"] = "false"
+        elif cpu:
+            force_cpu = True  # MULTI_CPU: DDP over gloo
+    accelerator = Accelerator(
+        cpu=force_cpu,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir) if project_dir else None,
         kwargs_handlers=kwargs,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    from accelerate.utils import DistributedType
+
+    if multi and (accelerator.num_processes != world_size() or accelerator.distributed_type == DistributedType.NO):
+        raise RunError(
+            f"launched {world_size()} processes but Accelerate set up {accelerator.distributed_type.value} with "
+            f"{accelerator.num_processes}: the ranks would train unsynchronised copies; check the launch config"
+        )
+    if max_grad_norm is not None and uses_deepspeed(accelerator):
+        ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+        current = ds_cfg.get("gradient_clipping", "auto")
+        if current == "auto":
+            ds_cfg["gradient_clipping"] = float(max_grad_norm)
+        elif float(current) != float(max_grad_norm) and accelerator.is_main_process:
+            log.warning("the DeepSpeed config clips gradients at %s; --max-grad-norm %s does not apply (set it to \"auto\")", current, max_grad_norm)
+    if accelerator.is_main_process:
+        log.info("distributed: %s", describe(accelerator))
+    return accelerator
+
+
+def describe(accelerator) -> str:
+    """One line for logs: 'DEEPSPEED ZeRO-3, 2 processes, backend gloo, device cpu'."""
+    kind = accelerator.distributed_type.value
+    if uses_deepspeed(accelerator):
+        kind += f" ZeRO-{zero_stage(accelerator)}"
+    backend = getattr(accelerator.state, "backend", None) or "none"
+    return f"{kind}, {accelerator.num_processes} process(es), backend {backend}, device {accelerator.device}"
 
 
 def uses_deepspeed(accelerator) -> bool:
@@ -54,3 +187,54 @@ def zero_stage(accelerator) -> int:
     if not uses_deepspeed(accelerator):
         return 0
     return int(accelerator.state.deepspeed_plugin.zero_stage or 0)
+
+
+@contextlib.contextmanager
+def zero3_init_disabled(accelerator):
+    """Load models whole (not ZeRO-3 partitioned) inside this block, e.g. on one rank to merge an adapter.
+
+    Under ZeRO-3, Accelerate registers the DeepSpeed config with transformers (whatever zero3_init_flag
+    says), so `from_pretrained` partitions the weights with collective calls, which hang when only the
+    main process loads.
+    """
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def deepspeed_param_dtype(accelerator):
+    """The dtype DeepSpeed casts the model's floating-point parameters to (bf16/fp16 enabled), else None."""
+    import torch
+
+    if not uses_deepspeed(accelerator):
+        return None
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    if str(cfg.get("bf16", {}).get("enabled")).lower() == "true":
+        return torch.bfloat16
+    if str(cfg.get("fp16", {}).get("enabled")).lower() == "true":
+        return torch.float16
+    return None
+
+
+def check_quantized_launch(accelerator, load_in_4bit: bool, load_in_8bit: bool, dtype) -> None:
+    """Refuse bitsandbytes + DeepSpeed combinations that fail or silently do not shard (verified on CPU, see docs/cluster.md)."""
+    if load_in_8bit and zero_stage(accelerator) == 3:
+        raise UsageError(
+            "--load-in-8bit with ZeRO-3: bitsandbytes 8-bit layers keep a whole copy of their int8 weights on every rank "
+            "after the first forward, so ZeRO-3 cannot shard them; use --load-in-4bit with ZeRO-3, or 8-bit with DDP or ZeRO-2"
+        )
+    ds_dtype = deepspeed_param_dtype(accelerator)
+    if load_in_4bit and ds_dtype is not None and ds_dtype != dtype:
+        name = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+        want, have = name.get(str(ds_dtype), str(ds_dtype)), name.get(str(dtype), str(dtype))
+        raise UsageError(
+            f"DeepSpeed casts parameters to {want} (mixed_precision of the launch config), which would corrupt 4-bit weights "
+            f"packed in {have}; pass --dtype {want} so the 4-bit storage matches, or use mixed_precision: 'no'"
+        )

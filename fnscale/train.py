@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from fnscale import checkpoints, data, models
 from fnscale.atomic import atomic_dir, write_json
 from fnscale.config import TrainConfig
-from fnscale.distributed import make_accelerator, uses_deepspeed, zero_stage
+from fnscale.distributed import check_quantized_launch, make_accelerator, uses_deepspeed, zero3_init_disabled, zero_stage
 from fnscale.errors import RunError, UsageError
 from fnscale.metrics import MetricsLog
 
@@ -67,7 +67,9 @@ def optimizer_groups(model, weight_decay: float, no_decay_params: set[int] | Non
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops empty groups from the optimizer, which would leave the LR scheduler one group too many.
+    return [g for g in groups if g["params"]]
 
 
 def build_model(cfg: TrainConfig, accelerator):
@@ -79,8 +81,8 @@ def build_model(cfg: TrainConfig, accelerator):
     quant = models.quantization_config(cfg.load_in_4bit, cfg.load_in_8bit, accelerator.device, dtype)
     if quant is not None and not cfg.lora:
         raise UsageError("--load-in-4bit/--load-in-8bit train an adapter; drop --no-lora")
-    if quant is not None and zero_stage(accelerator) == 3 and cfg.load_in_8bit:
-        raise UsageError("8-bit weights cannot be sharded by ZeRO-3; use --load-in-4bit or ZeRO-2")
+    if quant is not None:  # 8-bit + ZeRO-3, 4-bit storage dtype vs DeepSpeed's bf16/fp16 cast
+        check_quantized_launch(accelerator, cfg.load_in_4bit, cfg.load_in_8bit, dtype)
     device_map = {"": accelerator.device} if quant is not None and zero_stage(accelerator) != 3 else None
     model = models.load_model(source, dtype, quant, cfg.trust_remote_code, device_map=device_map)
     if dtype == torch.float16 and not quant:
@@ -149,7 +151,8 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig) -> dict[str, str
             tokenizer.save_pretrained(tmp)
         paths["final"] = str(out / "final")
         if cfg.lora and cfg.merge_adapter:
-            paths["merged"] = str(merge_adapter(cfg, out / "final", out / "merged"))
+            with zero3_init_disabled(accelerator):  # only this rank loads the base: no collective ZeRO-3 partitioning
+                paths["merged"] = str(merge_adapter(cfg, out / "final", out / "merged"))
     accelerator.wait_for_everyone()
     return paths
 
@@ -172,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
     validate(cfg)
     out = Path(cfg.output_dir)
     log_with = None if cfg.report_to == "none" else cfg.report_to
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with)
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm)
     _check_writable(out, accelerator)
     from accelerate.utils import set_seed
 
@@ -199,10 +202,18 @@ def train(cfg: TrainConfig) -> dict:
 
     no_decay = masker.no_decay_params() if masker is not None else None
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, no_decay), lr=cfg.learning_rate)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    # The prepared scheduler steps once per process per optimizer step (Accelerate's convention), so scale its length.
+    n_proc = accelerator.num_processes
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps) * n_proc, num_training_steps=total_steps * n_proc)
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     if val_dl is not None:
         val_dl = accelerator.prepare(val_dl)
+    retention, retention_before = None, None
+    if cfg.eval_retention:  # measured on the unmasked base, before masks and before any resume
+        from fnscale.evaluate import RetentionProbe
+
+        retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size)
+        retention_before = retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before")
     if masker is not None:
         masker.attach(accelerator.unwrap_model(model))
 
@@ -225,12 +236,8 @@ def train(cfg: TrainConfig) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if cfg.resume_from_checkpoint else None) if accelerator.is_main_process else None
     if log_with:
         accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
-    retention = None
-    if cfg.eval_retention:
-        from fnscale.evaluate import RetentionProbe
-
-        retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size)
-        _log(accelerator, metrics, {"step": step, **retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before")})
+    if retention_before is not None:
+        _log(accelerator, metrics, {"step": step, **retention_before})
     if masker is not None:
         _log(accelerator, metrics, {"step": step, **masker.stats()})
 
@@ -323,12 +330,12 @@ def train(cfg: TrainConfig) -> dict:
         last_eval = evaluate_loss(model, val_dl, accelerator)
         _log(accelerator, metrics, {"step": step, "eval_loss": last_eval})
         summary["eval_loss"] = last_eval
+    if masker is not None:
+        masker.remove()  # the saved model runs unmasked, and so is the retention measured below
     if retention is not None:
         after = retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_after")
         _log(accelerator, metrics, {"step": step, **after})
         summary.update(after)
-    if masker is not None:
-        masker.remove()  # the saved model runs unmasked
     summary.update(save_final(accelerator, model, tokenizer, cfg))
     summary["train_time_s"] = round(time.time() - start, 2)
     summary["tokens_per_s"] = round(tokens_total / max(1e-9, summary["train_time_s"]), 1)
