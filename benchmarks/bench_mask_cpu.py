@@ -20,6 +20,7 @@ import time
 import torch
 
 from fnscale.masking import apply_masks, build_masks, find_mlp_layers, protect_masked_weights
+from fnscale.train import make_optimizer
 
 TARGETS = {"lesion": ("<= 1.02", 1.02), "preserve": ("<= 0.6", 0.6)}
 
@@ -78,7 +79,7 @@ def main() -> None:
     layers = find_mlp_layers(model)
     n, width = len(layers), layers[0].width
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    optimizer = make_optimizer(model, 1e-5, 0.1)  # the training loop's optimizer (fused AdamW, decay groups)
     masks = {
         "lesion": build_masks(random_neurons(n, width, args.lesion, 1), "lesion", n, width),
         "preserve": build_masks(random_neurons(n, width, args.preserve, 2), "preserve", n, width),

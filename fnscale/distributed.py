@@ -58,7 +58,7 @@ def _requested_deepspeed() -> bool:
 
 def _requested_fsdp() -> bool:
     # `accelerate launch` exports ACCELERATE_USE_FSDP=true for distributed_type: FSDP (FSDP1 and FSDP2).
-    return _truthy("ACCELERATE_USE_FSDP") or os.environ.get("ACCELERATE_DISTRIBUTED_TYPE", "").upper() == "FSDP"
+    return _truthy("ACCELERATE_USE_FSDP")
 
 
 def _resolve_deepspeed_config_file() -> None:

@@ -116,9 +116,12 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
         masks = box[0]
 
     zero3 = zero_stage(accelerator) == 3
-    guard = protect_masked_weights(model, masks, site=site)  # zeroes LoRA slices now, before ZeRO partitions
+    lora = hasattr(model, "peft_config")
+    # The guard zeroes LoRA slices now, before ZeRO partitions them. Under ZeRO-3 full fine-tuning the dense
+    # weights are already partitioned and cannot be snapshotted: zero gradient + no decay keeps them instead.
+    guard = protect_masked_weights(model, masks, site=site) if lora or not zero3 else None
     decay_free: set[int] = set()
-    if zero3:
+    if zero3 and not lora:
         for index in masks:
             for module in [layers[index].down] + [m for m, _ in layers[index].ups]:
                 base = unwrap(module)

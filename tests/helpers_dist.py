@@ -1,0 +1,163 @@
+"""Multi-process test helpers: `accelerate launch` subprocesses on CPU (gloo), free ports, uniform data.
+
+Run as a script (`accelerate launch ... tests/helpers_dist.py train ...`) it is `fnscale` with a probe:
+each rank writes `$FNSCALE_TEST_TRACE/rank<R>.json` with what it trained on (the non-padding token rows
+of every training forward), its distributed type, and a hash of its parameters at the end, so a test can
+check sharding and that the ranks stayed identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "launch_configs"
+EXTENSIONS = REPO / ".ci_cache" / "torch_extensions"  # DeepSpeed's JIT ops (a small shm comm op on CPU), built once
+
+# Words of conftest.WORDS, so the word-level test tokenizer knows them all.
+PLACES = ["zorvia", "kasmol", "daxvel", "nolvel", "thivel", "quillport", "oriquin", "taroriport"]
+ANSWERS = ["paris", "berlin", "france", "germany"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment minus launcher state a parent process may carry, plus quiet single-thread settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "PET_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS))
+    env.update(extra)
+    return env
+
+
+def launch_cmd(config: str, args: list[str], script: str | None = None) -> list[str]:
+    """`accelerate launch --config_file launch_configs/<config> [-m fnscale | script] args` on a free port."""
+    cfg = config if os.path.isabs(config) else str(CONFIGS / config)
+    target = ["-m", "fnscale"] if script is None else [script]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "--main_process_port", str(free_port()), *target, *args]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run in its own session (cwd: the repository root); on timeout kill the whole process group and fail."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start in the background, output to `log`, in its own session."""
+    fh = open(log, "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=env or clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {what}")
+        time.sleep(0.2)
+    if proc is not None:
+        _kill_group(proc)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise AssertionError("process did not exit in time") from None
+
+
+def children(pid: int) -> list[int]:
+    """Direct child pids (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def write_uniform_sft(path: Path, n: int = 16) -> Path:
+    """n distinct examples whose prompts and responses have identical token counts, so the mean loss of one
+    batch of 4 equals the mean of two ranks' batches of 2 (1-process and 2-process runs then agree)."""
+    rows = [{"instruction": f"what is the capital of {p} ?", "output": f"the capital of {p} is {a} ."} for p in PLACES for a in ANSWERS][:n]
+    assert len(rows) == n
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_traces(trace_dir: Path) -> dict[int, dict]:
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(trace_dir.glob("rank*.json"))}
+
+
+def _probe_main() -> None:
+    import hashlib
+
+    import fnscale.train as tr
+
+    trace = Path(os.environ["FNSCALE_TEST_TRACE"])
+    trace.mkdir(parents=True, exist_ok=True)
+    seen: list[list[int]] = []
+    build_model, save_final = tr.build_model, tr.save_final
+
+    def probed_build(cfg, accelerator):
+        source, tokenizer, model = build_model(cfg, accelerator)
+
+        def hook(module, args, kwargs):
+            if module.training and "input_ids" in kwargs:
+                for row, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):
+                    seen.append(row[mask.bool()].tolist())
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return source, tokenizer, model
+
+    def probed_save(accelerator, model, tokenizer, cfg):
+        digest = hashlib.sha256()
+        for name, p in sorted(accelerator.unwrap_model(model).named_parameters()):
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        (trace / f"rank{accelerator.process_index}.json").write_text(json.dumps({
+            "rank": accelerator.process_index, "world": accelerator.num_processes,
+            "distributed_type": accelerator.distributed_type.value, "examples": seen, "params_sha256": digest.hexdigest(),
+        }))
+        return save_final(accelerator, model, tokenizer, cfg)
+
+    tr.build_model, tr.save_final = probed_build, probed_save
+    from fnscale.cli import main
+
+    main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    _probe_main()
