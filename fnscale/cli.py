@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 
 import click
 
@@ -57,7 +56,34 @@ def explicit_params(ctx: click.Context) -> set[str]:
     return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-@click.group(context_settings=CONTEXT)
+class UserError(click.ClickException):
+    """A FnscaleError as Click shows it: one line, `error: ...`, and the error's exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class FnscaleGroup(click.Group):
+    """Turns user mistakes raised anywhere below into one-line errors (tracebacks only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FnscaleError as err:
+            if ctx.params.get("debug"):
+                raise
+            raise UserError(str(err), err.exit_code) from err
+        except (MemoryError, RuntimeError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if ctx.params.get("debug") or not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
+                raise
+            raise UserError("out of memory; lower --batch-size or --max-seq-length, or use --load-in-4bit or --gradient-checkpointing", 1) from err
+
+
+@click.group(cls=FnscaleGroup, context_settings=CONTEXT)
 @click.option("--debug", is_flag=True, help="show full tracebacks for errors")
 @click.version_option(package_name="fnscale")
 @click.pass_context
@@ -118,27 +144,8 @@ def _register_subcommands() -> None:
 
 
 def main(argv=None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        _register_subcommands()
-        cli.main(args=argv, prog_name="fnscale", standalone_mode=False)
-    except FnscaleError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except MemoryError:
-        click.echo("error: out of memory; lower --batch-size or --max-seq-length, or use --load-in-4bit", err=True)
-        sys.exit(1)
+    _register_subcommands()
+    cli.main(args=argv, prog_name="fnscale")

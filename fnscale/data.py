@@ -42,17 +42,29 @@ def default_retention_path() -> Path:
 # ---------------------------------------------------------------- loading
 
 
+def _local_path(source: str) -> Path | None:
+    """The local file `source` names (existing, or with a data suffix), else None (a hub dataset name)."""
+    path = Path(source).expanduser()
+    return path if path.exists() or path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet", ".txt") else None
+
+
+def check_source(source: str | None) -> None:
+    """Fail fast, before a model is loaded, on a local data file that is missing or empty."""
+    path = _local_path(source) if source and source != DEFAULT_DATASET else None
+    if path is not None and not path.is_file():
+        raise UsageError(f"data file {source} not found; check the path")
+    if path is not None and path.stat().st_size == 0:
+        raise UsageError(f"data file {source} is empty; give it at least one example")
+
+
 def load_records(source: str, split: str = "train") -> list[dict]:
     """Read a local .json/.jsonl/.csv/.parquet/.txt file, or a hub dataset by name, into a list of dicts."""
     if not source or source == DEFAULT_DATASET:
         source = str(default_dataset_path())
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if path.exists() or suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt"):
-        if not path.is_file():
-            raise UsageError(f"data file {source} not found; check the path")
-        if path.stat().st_size == 0:
-            raise UsageError(f"data file {source} is empty; give it at least one example")
+    path = _local_path(source)
+    if path is not None:
+        check_source(source)
+        suffix = path.suffix.lower()
         readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}
         if suffix not in readers:
             raise UsageError(f"unsupported data file type {suffix!r} for {source}; use .json, .jsonl, .csv, .parquet or .txt")

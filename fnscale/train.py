@@ -182,6 +182,8 @@ def merge_adapter(cfg: TrainConfig, adapter_dir: Path, target: Path) -> Path:
 def train(cfg: TrainConfig) -> dict:
     """Run SFT as configured; returns the run summary (also written to output_dir/summary.json)."""
     validate(cfg)
+    for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
+        data.check_source(source)
     out = Path(cfg.output_dir)
     log_with = None if cfg.report_to == "none" else cfg.report_to
     accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm)

@@ -128,3 +128,10 @@ def test_padding_never_counts_in_loss():
 def test_default_dataset_is_bundled():
     recs = data.load_records(None)
     assert len(recs) >= 32 and data.detect_schema(recs[0].keys()) == "alpaca"
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UsageError, match="cannot load dataset 'nobody/no-such-dataset'.*local"):
+        data.load_records("nobody/no-such-dataset")

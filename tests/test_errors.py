@@ -83,7 +83,7 @@ def _check(code, out, err, expect_code, expect_text):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_cli_runner(files, case, capsys):
+def test_bad_input_in_process(files, case, capsys):
     from fnscale.cli import main
 
     (files["dir"] / "c.yaml").write_text("no_such_option: 1\n")
@@ -92,6 +92,16 @@ def test_bad_input_cli_runner(files, case, capsys):
         main(argv(files))
     captured = capsys.readouterr()
     _check(exc.value.code, captured.out, captured.err, code, text)
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=[c[0] for c in CASES[:6]])
+def test_bad_input_click_runner(files, case):
+    from fnscale.cli import _register_subcommands, cli
+
+    _register_subcommands()
+    _, argv, code, text = case
+    res = CliRunner().invoke(cli, argv(files))
+    _check(res.exit_code, res.stdout, res.stderr, code, text)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("missing data", "malformed jsonl", "template other model", "gguf arch", "csv columns")], ids=lambda c: c[0])
