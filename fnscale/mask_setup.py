@@ -40,8 +40,14 @@ def parse_component_ids(spec: str | None) -> list[int]:
 
 def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
     """Templates from the first --ica-samples training examples, saved in the output dir."""
+    from fnscale.distributed import zero_stage
     from fnscale.networks.build import build_templates
 
+    if zero_stage(accelerator) == 3:
+        raise UsageError(
+            "templates cannot be computed inside a ZeRO-3 run (the weights are already partitioned); build them first with "
+            "`accelerate launch --config_file launch_configs/multi_gpu.yaml -m fnscale templates build ...` and pass --ica-template-path"
+        )
     samples = [ex["input_ids"] for ex in sft.train[: cfg.ica_samples]]
     templates = build_templates(
         model, samples, n_components=cfg.ica_components, percentile=cfg.ica_percentile, site=cfg.ica_site,
