@@ -306,7 +306,8 @@ def train(cfg: TrainConfig) -> dict:
                     elapsed = time.time() - window["t0"]
                     tokens = int(accelerator.reduce(torch.tensor(window["tokens"], device=accelerator.device), reduction="sum"))
                     tokens_total += tokens
-                    last_loss = window["loss"] / max(1, window["n"])
+                    mean = torch.tensor(window["loss"] / max(1, window["n"]), device=accelerator.device)
+                    last_loss = float(accelerator.reduce(mean, reduction="mean"))  # averaged over ranks
                     record = {
                         "step": step, "epoch": round(epoch + batches_done / max(1, len(train_dl)), 4), "loss": last_loss,
                         "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
