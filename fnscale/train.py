@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from fnscale import checkpoints, data, models
 from fnscale.atomic import atomic_dir, write_json
 from fnscale.config import TrainConfig
-from fnscale.distributed import check_quantized_launch, make_accelerator, uses_deepspeed, zero3_init_disabled, zero_stage
+from fnscale.distributed import check_quantized_launch, make_accelerator, zero3_init_disabled, zero_stage
 from fnscale.errors import RunError, UsageError
 from fnscale.metrics import MetricsLog
 

@@ -1,8 +1,6 @@
 """Masked SFT end to end through `train`: masked neurons come out bit-identical to the base model."""
 
-import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
