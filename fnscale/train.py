@@ -107,22 +107,17 @@ def build_model(cfg: TrainConfig, accelerator):
 
 
 def evaluate_loss(model, loader, accelerator) -> float:
-    """Mean loss per response token over the validation set (padding and prompts excluded)."""
+    """Mean loss per response token over the validation set (padding and prompts excluded), all ranks."""
+    from fnscale.evaluate import nll_sum
+
     model.eval()
-    total, count = torch.zeros((), device=accelerator.device, dtype=torch.float64), torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            lp = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=data.IGNORE, reduction="sum"
-            )
-            total += lp.double()
-            count += (labels != data.IGNORE).sum().double()
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # NLL sum, token count
+    for batch in loader:
+        nll, n = nll_sum(model, batch, accelerator.device)
+        sums += torch.tensor([nll, n], dtype=torch.float64, device=accelerator.device)
     model.train()
-    total = accelerator.reduce(total, reduction="sum")
-    count = accelerator.reduce(count, reduction="sum")
-    return float(total / count) if count > 0 else float("nan")
+    total, count = accelerator.reduce(sums, reduction="sum").tolist()
+    return total / count if count > 0 else float("nan")
 
 
 def save_checkpoint(accelerator, cfg: TrainConfig, state: dict) -> Path:
