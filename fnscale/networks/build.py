@@ -78,9 +78,8 @@ def build_templates(
 
     model.eval()
     with ActivationCapture(model, site, layers) as cap:
-        groups = [list(range(len(cap.layers) * cap.width))] if scope == "global" else [
-            list(range(i * cap.width, (i + 1) * cap.width)) for i in range(len(cap.layers))
-        ]
+        # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
+        groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
         decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed) for _ in groups]
         cache: list[np.ndarray] | None = [] if cache_budget_gb > 0 else None
         cache_bytes, budget = 0, cache_budget_gb * 2**30
@@ -110,28 +109,25 @@ def build_templates(
                         cache.append(None if acts is None else acts.astype(np.float16))
                 yield acts
 
-        first = decs[0]
-        if first.standardize:
-            for acts in stream("capture: statistics"):
+        def feed(desc: str, update) -> None:
+            """One pass: every rank-local batch to every decomposition, as update(index, decomposer, columns)."""
+            for acts in stream(desc):
                 if acts is not None and len(acts):
-                    for dec, cols in zip(decs, groups):
-                        dec.update_stats(acts[:, cols])
+                    for i, (dec, cols) in enumerate(zip(decs, groups)):
+                        update(i, dec, acts[:, cols])
+
+        if decs[0].standardize:
+            feed("capture: statistics", lambda i, dec, x: dec.update_stats(x))
             for dec in decs:
                 dec.merge_stats()
             if decs[0].stats_.count_ == 0:
                 raise UsageError("no tokens captured: every sample was empty after padding removal")
-        for acts in stream("capture: PCA"):
-            if acts is not None and len(acts):
-                for dec, cols in zip(decs, groups):
-                    dec.update_pca(acts[:, cols])
+        feed("capture: PCA", lambda i, dec, x: dec.update_pca(x))
         for dec in decs:
             dec.merge_pca()
         Zs: list[list[np.ndarray]] = [[] for _ in decs]
         if kind == "temporal":
-            for acts in stream("capture: projection"):
-                if acts is not None and len(acts):
-                    for z, dec, cols in zip(Zs, decs, groups):
-                        z.append(dec.project(acts[:, cols]))
+            feed("capture: projection", lambda i, dec, x: Zs[i].append(dec.project(x)))
         width, captured, num_layers = cap.width, list(cap.layers), cap.num_layers
 
     # FastICA once, on the main process; everyone gets the same masks.
