@@ -33,13 +33,15 @@ def build(model_arg, dataset_args, model_opt, dataset_opt, **kw):
 
     Under `accelerate launch`, each process captures its share of the samples and the results are merged.
     """
-    from fnscale.errors import UsageError
     from fnscale.networks.build import run_build
 
-    if model_arg and model_opt:
-        raise UsageError("give the model once: as the MODEL argument or --model")
+    positional = ([model_arg] if model_arg else []) + list(dataset_args)
+    if model_opt:  # with --model, every positional argument is a dataset
+        model, datasets = model_opt, list(dataset_opt) + positional
+    else:
+        model, datasets = (positional[0] if positional else None), list(dataset_opt) + positional[1:]
     res = run_build(
-        model_opt or model_arg, list(dataset_opt) + list(dataset_args), kw.pop("output"), samples_per_dataset=kw.pop("samples_per_dataset"),
+        model, datasets, kw.pop("output"), samples_per_dataset=kw.pop("samples_per_dataset"),
         n_components=kw.pop("components"), layers_spec=kw.pop("layers"), kind=kw.pop("ica_kind"), backend=kw.pop("pca_backend"), **kw,
     )
     if "path" in res:  # the main process wrote the files

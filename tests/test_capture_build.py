@@ -105,7 +105,7 @@ def test_templates_cli_round_trip(tiny_llama, sft_file, tmp_path):
     common = ["--components", "3", "--percentile", "95", "--samples-per-dataset", "16", "--max-seq-length", "48"]
     r1 = runner.invoke(cli, ["templates", "build", tiny_llama, sft_file, sft_file, "--output", str(a), *common])
     assert r1.exit_code == 0, r1.output
-    r2 = runner.invoke(cli, ["templates", "build", "--model", tiny_llama, "--dataset", sft_file, "--dataset", sft_file, "--output", str(b), *common])
+    r2 = runner.invoke(cli, ["templates", "build", "--model", tiny_llama, "--dataset", sft_file, sft_file, "--output", str(b), *common])
     assert r2.exit_code == 0, r2.output
     for d in (a, b):
         assert {p.name for p in d.iterdir()} >= {"global_templates.json", "coverage.txt", "coverage.png"}
