@@ -183,6 +183,18 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def broadcast_from_main(obj, accelerator):
+    """The main process's `obj` on every rank (pickled); other ranks may pass anything, e.g. None.
+    A no-op without an accelerator or with a single process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def zero_stage(accelerator) -> int:
     if not uses_deepspeed(accelerator):
         return 0

@@ -194,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
 
     masker = None
     if cfg.mask_mode != "none":
-        from fnscale.mask_setup import setup_masks
+        from fnscale.masking.setup import setup_masks
 
         masker = setup_masks(cfg, model, tokenizer, sft, accelerator, source.display_name)
 

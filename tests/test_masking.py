@@ -2,6 +2,8 @@
 untouched guarantee (masked neurons' weights bit-identical to the base after AdamW with weight decay)."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -252,7 +254,8 @@ def test_apply_masks_refusals():
     model = tiny_llama()
     with pytest.raises(UsageError, match="has 10 entries but the model has 64 MLP neurons"):
         apply_masks(model, {0: torch.ones(10)})
-    with pytest.raises(UsageError, match="use --mask-kernel torch"):
+    # the site comes from the templates (there is no --mask-site flag), so the hint names only real options
+    with pytest.raises(UsageError, match=r"at site mlp_output \(the site comes from the templates\); use --mask-kernel torch"):
         apply_masks(model, {0: torch.ones(HIDDEN)}, site="mlp_output", kernel="triton")
     with pytest.raises(UsageError, match="unknown mask site"):
         apply_masks(model, {0: torch.ones(64)}, site="attention")
@@ -382,3 +385,23 @@ def test_guard_offload_snapshot_restores():
     guard.restore()
     assert guard.verify() == [] and torch.equal(down[:, [1, 2]], original[:, [1, 2]])
     assert isinstance(apply_masks(model, masks), MaskHandle)
+
+
+def test_mlp_discovery_imports_no_masking_machinery():
+    """Capture (templates build) finds MLPs through fnscale.mlp, without loading masking or the Triton kernels."""
+    code = (
+        "import sys, fnscale.networks.capture, fnscale.mlp; "
+        "loaded = sorted(m for m in sys.modules if m.startswith(('fnscale.masking', 'fnscale.kernels'))); "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_old_import_names_still_work():
+    import fnscale.masking as masking
+    from fnscale import mlp
+    from fnscale.masking import setup
+
+    assert masking.find_mlp_layers is mlp.find_mlp_layers and masking.unwrap is mlp.unwrap
+    assert masking.SITES == mlp.SITES and set(masking.__all__) <= set(dir(masking))
+    assert setup.setup_masks.__module__ == "fnscale.masking.setup"

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fnscale.distributed import broadcast_from_main
 from fnscale.errors import UsageError
 from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.decompose import StreamingDecomposer
@@ -21,17 +22,6 @@ from fnscale.networks.stats import torch_all_gather
 from fnscale.networks.templates import Templates
 
 log = logging.getLogger(__name__)
-
-
-def _broadcast(obj, accelerator):
-    """The main process's object on every rank."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
-
-    box = [obj]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
 
 
 def _batches(samples: Sequence[list[int]], batch_size: int, pad_id: int, device):
@@ -150,7 +140,7 @@ def build_templates(
             meta.setdefault("kind", kind)
             meta.setdefault("token_counts", {"total": int(total)})
             result = Templates(layers=captured, neurons_per_layer=width, components=comps, loadings=loads, **meta)
-    return _broadcast(result, accelerator)
+    return broadcast_from_main(result, accelerator)
 
 
 def tokenize_samples(tokenizer, sources: Sequence[str], samples_per_dataset: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], dict[str, int]]:

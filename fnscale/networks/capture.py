@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fnscale.errors import UsageError
-from fnscale.masking import SITES, find_mlp_layers
+from fnscale.mlp import SITES, find_mlp_layers
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:

@@ -17,8 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fnscale.distributed import broadcast_from_main, zero_stage
 from fnscale.errors import UsageError
-from fnscale.masking import apply_masks, build_masks, find_mlp_layers, protect_masked_weights, unwrap
+from fnscale.masking.apply import apply_masks
+from fnscale.masking.build import build_masks
+from fnscale.masking.guard import protect_masked_weights
+from fnscale.mlp import find_mlp_layers, unwrap
 from fnscale.networks.capture import parse_layers
 from fnscale.networks.templates import Templates
 
@@ -40,7 +44,6 @@ def parse_component_ids(spec: str | None) -> list[int]:
 
 def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
     """Templates from the first --ica-samples training examples, saved in the output dir."""
-    from fnscale.distributed import zero_stage
     from fnscale.networks.build import build_templates
 
     if zero_stage(accelerator) == 3:
@@ -97,8 +100,6 @@ class Masker:
 
 def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Masker:
     """Everything before `accelerator.prepare`: templates, masks (main process, broadcast), weight guard."""
-    from fnscale.distributed import zero_stage
-
     ids = parse_component_ids(cfg.ica_component_ids)
     layers = find_mlp_layers(model)
     if cfg.ica_template_path:
@@ -114,12 +115,7 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
         neurons = templates.component_neurons(ids)
         chosen = parse_layers(cfg.ica_layers, len(layers)) if cfg.ica_layers else None
         masks = {k: v.cpu() for k, v in build_masks(neurons, cfg.mask_mode, len(layers), width, layers=chosen).items()}
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [masks]
-        broadcast_object_list(box, from_process=0)
-        masks = box[0]
+    masks = broadcast_from_main(masks, accelerator)
 
     zero3 = zero_stage(accelerator) == 3
     lora = hasattr(model, "peft_config")
