@@ -14,8 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fnscale import data, models
+from fnscale.config import TemplatesBuildConfig
 from fnscale.errors import UsageError
-from fnscale.networks.capture import ActivationCapture
+from fnscale.networks.capture import ActivationCapture, parse_layers
 from fnscale.networks.decompose import StreamingDecomposer
 from fnscale.networks.stats import torch_all_gather
 from fnscale.networks.templates import Templates
@@ -35,15 +37,10 @@ def _broadcast(obj, accelerator):
 
 
 def _batches(samples: Sequence[list[int]], batch_size: int, pad_id: int, device):
+    """(input_ids, attention_mask) per batch, right-padded as training pads them."""
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, : len(s)] = torch.tensor(s)
-            attn[j, : len(s)] = 1
-        yield ids.to(device), attn.to(device)
+        batch = data.collate([{"input_ids": s, "labels": s} for s in samples[i : i + batch_size]], pad_id)
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def build_templates(
@@ -157,8 +154,6 @@ def tokenize_samples(tokenizer, sources: Sequence[str], samples_per_dataset: int
     """Up to N examples from each data source (a seeded choice), rendered like training prompts + responses."""
     import random
 
-    from fnscale import data
-
     out, counts = [], {}
     for src in sources:
         examples = data.to_examples(data.load_records(src))
@@ -172,43 +167,28 @@ def tokenize_samples(tokenizer, sources: Sequence[str], samples_per_dataset: int
     return out, counts
 
 
-def run_build(model_name: str | None, sources: Sequence[str], output: str, *, samples_per_dataset: int = 100, n_components: int = 10,
-              percentile: float = 98.0, site: str = "intermediate", layers_spec: str | None = None, scope: str = "global",
-              kind: str = "temporal", backend: str = "auto", max_seq_length: int = 512, batch_size: int = 8, dtype: str = "auto",
-              seed: int = 0, cache_budget_gb: float = 0.0, gguf_file: str | None = None, trust_remote_code: bool = False) -> dict:
+def run_build(cfg: TemplatesBuildConfig) -> dict:
     """`fnscale templates build`: load, capture (sharded under accelerate launch), decompose, save atomically."""
-    from pathlib import Path
-
-    from fnscale import data, models
     from fnscale.distributed import make_accelerator
-    from fnscale.networks.capture import parse_layers
-
-    if not 0 < percentile < 100:
-        raise UsageError(f"--percentile {percentile} must be between 0 and 100 (exclusive)")
-    accelerator = make_accelerator()
-    with accelerator.main_process_first():
-        source = models.resolve_model(model_name, gguf_file)
-    tokenizer = models.load_tokenizer(source, trust_remote_code)
-    model = models.load_model(source, models.resolve_dtype(dtype, accelerator.device), None, trust_remote_code)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
     from fnscale.masking import find_mlp_layers
 
-    num_layers = len(find_mlp_layers(accelerator.unwrap_model(model)))
-    layers = parse_layers(layers_spec, num_layers)
-    samples, counts = tokenize_samples(tokenizer, list(sources) or [data.DEFAULT_DATASET], samples_per_dataset, max_seq_length, seed)
+    if not 0 < cfg.percentile < 100:
+        raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
+    accelerator = make_accelerator()
+    with accelerator.main_process_first():
+        source = models.resolve_model(cfg.model, cfg.gguf_file)
+    tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
+    model = models.load_model(source, models.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    layers = parse_layers(cfg.layers, len(find_mlp_layers(accelerator.unwrap_model(model))))
+    sources = list(cfg.dataset) or [data.DEFAULT_DATASET]
+    samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed)
     templates = build_templates(
-        model, samples, n_components=n_components, percentile=percentile, site=site, layers=layers, scope=scope, kind=kind,
-        backend=backend, batch_size=batch_size, pad_id=tokenizer.pad_token_id, seed=seed, cache_budget_gb=cache_budget_gb,
-        accelerator=accelerator, model_name=source.display_name, datasets=list(sources) or ["default"], token_counts=counts,
+        model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
+        kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+        cache_budget_gb=cfg.cache_budget_gb, accelerator=accelerator, model_name=source.display_name,
+        datasets=list(cfg.dataset) or ["default"], token_counts=counts,
     )
-    out = Path(output)
-    paths = {}
-    if accelerator.is_main_process:
-        paths["path"] = str(templates.save(out / "global_templates.json"))
-        from fnscale.atomic import write_text
-
-        write_text(out / "coverage.txt", templates.coverage_table() + "\n")
-        paths["coverage"] = str(out / "coverage.txt")
-        paths["heatmap"] = str(templates.save_heatmap(out / "coverage.png"))
+    paths = templates.save_folder(cfg.output) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
     return {"templates": templates, **paths}

@@ -17,12 +17,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from fnscale.atomic import atomic_path, write_json
+from fnscale.atomic import atomic_path, write_json, write_text
+from fnscale.config import SITES
 from fnscale.errors import UsageError
 
 FORMAT = "fnscale-templates"
 VERSION = 1
-SITES = ("intermediate", "mlp_output")
 SCOPES = ("global", "layer")
 REFERENCE_FORMAT = "functionalnetworkssft"
 _REBUILD = "rebuild it with `fnscale templates build`"
@@ -166,6 +166,14 @@ class Templates:
         """Write the JSON atomically (a reader never sees half a file)."""
         write_json(path, self.to_dict(), indent=1)
         return Path(path)
+
+    def save_folder(self, folder: str | os.PathLike) -> dict[str, str]:
+        """global_templates.json, coverage.txt and coverage.png in `folder`; their paths by role."""
+        out = Path(folder)
+        paths = {"path": str(self.save(out / "global_templates.json")), "coverage": str(out / "coverage.txt")}
+        write_text(out / "coverage.txt", self.coverage_table() + "\n")
+        paths["heatmap"] = str(self.save_heatmap(out / "coverage.png"))
+        return paths
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Templates":
