@@ -129,7 +129,9 @@ class EvalConfig:
     gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo); default: none")
     adapter: tuple[str, ...] = opt((), "PEFT adapter folder to load onto the base model; default: none")
     finetuned: tuple[str, ...] = opt((), "full fine-tuned model folder (same tokenizer as the base); default: none")
-    sequence: str | None = opt(None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none")
+    sequence: str | None = opt(
+        None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none"
+    )
     # task data
     task: str | None = opt(None, "task data (.json/.jsonl/.csv/.parquet or hub dataset); default: the bundled sample data")
     task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
@@ -140,7 +142,9 @@ class EvalConfig:
     response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
     max_samples: int | None = opt(None, "use only the first N records of each data file; default: all")
     # retention
-    retention: tuple[str, ...] = opt((), "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips")
+    retention: tuple[str, ...] = opt(
+        (), "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips"
+    )
     # generation
     generate: int = opt(32, "greedy generations per task scored for exact match and token accuracy (0: none)")
     cl_metric: str = opt("token_accuracy", "score in the continual-learning matrix R", list(CL_METRICS))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import torch
+from tqdm.auto import tqdm
 
 from fnscale import data, models
 from fnscale.config import TemplatesBuildConfig
@@ -41,6 +41,55 @@ def _batches(samples: Sequence[list[int]], batch_size: int, pad_id: int, device)
     for i in range(0, len(samples), batch_size):
         batch = data.collate([{"input_ids": s, "labels": s} for s in samples[i : i + batch_size]], pad_id)
         yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+class _ActivationPasses:
+    """This rank's batches, one pass per call: cached activations (fp16, within a budget) once a pass
+    completed under it, else fresh forwards; a rank out of batches does throw-away forwards."""
+
+    def __init__(self, cap: ActivationCapture, samples, n_steps: int, batch_size: int, pad_id: int, device, budget_gb: float, show: bool):
+        self.cap, self.samples, self.n_steps, self.batch_size, self.pad_id, self.device = cap, samples, n_steps, batch_size, pad_id, device
+        self.budget_gb, self.show = budget_gb, show
+        self.cache: list[np.ndarray | None] | None = [] if budget_gb > 0 else None
+        self.cache_bytes = 0
+
+    def __call__(self, desc: str):
+        if self.cache is not None and len(self.cache) == self.n_steps:
+            yield from (c.astype(np.float32) if c is not None else None for c in self.cache)
+            return
+        it = _batches(self.samples, self.batch_size, self.pad_id, self.device)
+        for _ in tqdm(range(self.n_steps), desc=desc, disable=not self.show, leave=False):
+            b = next(it, None)
+            if b is None:
+                self.cap.dummy(self.device)
+            acts = None if b is None else self.cap.run(*b)
+            self._keep(acts)
+            yield acts
+
+    def _keep(self, acts: np.ndarray | None) -> None:
+        if self.cache is None:
+            return
+        self.cache_bytes += 0 if acts is None else acts.size * 2
+        if self.cache_bytes > self.budget_gb * 2**30:
+            log.info("activation cache over its %.2f GB budget; recomputing passes instead", self.budget_gb)
+            self.cache = None
+        else:
+            self.cache.append(None if acts is None else acts.astype(np.float16))
+
+
+def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str, **meta) -> Templates:
+    """scope=layer: one decomposition per layer; its components are numbered on after the previous layer's."""
+    comps, loads, total = {}, {}, 0
+    for layer, res in zip(captured, results):
+        for c, mask in enumerate(res.masks):
+            cid = len(comps)
+            comps[cid] = {layer: np.flatnonzero(mask)}
+            loads[cid] = {layer: res.mixing[mask, c]}
+        total = res.n_tokens
+    meta.setdefault("percentile", percentile)
+    meta.setdefault("kind", kind)
+    meta.setdefault("token_counts", {"total": int(total)})
+    return Templates(layers=captured, neurons_per_layer=width, components=comps, loadings=loads, **meta)
 
 
 def build_templates(
@@ -78,33 +127,7 @@ def build_templates(
         # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
         groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
         decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed) for _ in groups]
-        cache: list[np.ndarray] | None = [] if cache_budget_gb > 0 else None
-        cache_bytes, budget = 0, cache_budget_gb * 2**30
-
-        def stream(desc: str):
-            """One pass over this rank's batches: cached activations when complete, else fresh forwards."""
-            nonlocal cache, cache_bytes
-            if cache is not None and len(cache) == n_steps:
-                yield from (c.astype(np.float32) if c is not None else None for c in cache)
-                return
-            it = _batches(mine, batch_size, pad_id, device)
-            from tqdm.auto import tqdm
-
-            for _ in tqdm(range(n_steps), desc=desc, disable=not (progress and rank == 0), leave=False):
-                b = next(it, None)
-                if b is None:
-                    cap.dummy(device)
-                    acts = None
-                else:
-                    acts = cap.run(*b)
-                if cache is not None:
-                    cache_bytes += 0 if acts is None else acts.size * 2
-                    if cache_bytes > budget:
-                        log.info("activation cache over its %.2f GB budget; recomputing passes instead", cache_budget_gb)
-                        cache = None
-                    else:
-                        cache.append(None if acts is None else acts.astype(np.float16))
-                yield acts
+        stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, cache_budget_gb, progress and rank == 0)
 
         def feed(desc: str, update) -> None:
             """One pass: every rank-local batch to every decomposition, as update(index, decomposer, columns)."""
@@ -136,17 +159,7 @@ def build_templates(
         if scope == "global":
             result = Templates.from_decomposition(results[0], captured, width, **meta)
         else:
-            comps, loads, total = {}, {}, 0
-            for layer, res in zip(captured, results):
-                for c, mask in enumerate(res.masks):
-                    cid = len(comps)
-                    comps[cid] = {layer: np.flatnonzero(mask)}
-                    loads[cid] = {layer: res.mixing[mask, c]}
-                total = res.n_tokens
-            meta.setdefault("percentile", percentile)
-            meta.setdefault("kind", kind)
-            meta.setdefault("token_counts", {"total": int(total)})
-            result = Templates(layers=captured, neurons_per_layer=width, components=comps, loadings=loads, **meta)
+            result = _per_layer_templates(results, captured, width, percentile=percentile, kind=kind, **meta)
     return _broadcast(result, accelerator)
 
 

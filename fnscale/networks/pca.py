@@ -205,7 +205,7 @@ class PCAState:
         return self.singular_values_**2 / self.total_m2_ if self.total_m2_ > 0 else np.zeros_like(self.singular_values_)
 
     @staticmethod
-    def merge(a: "PCAState", b: "PCAState") -> "PCAState":
+    def merge(a: PCAState, b: PCAState) -> PCAState:
         return merge(a, b)
 
 
@@ -320,7 +320,7 @@ class IncrementalPCA:
             x = x * self._scale
         return x
 
-    def partial_fit(self, X) -> "IncrementalPCA":
+    def partial_fit(self, X) -> IncrementalPCA:
         """Fold rows of X (tokens x neurons; numpy or torch, any float dtype) into the state."""
         X = as_2d(X)
         for start in range(0, X.shape[0], self.chunk_size):
@@ -361,7 +361,7 @@ class IncrementalPCA:
         to = self._ops.to_numpy
         return PCAState(self.keep, int(n), to(mean), to(v), to(s), float(m2))
 
-    def set_state(self, state: PCAState) -> "IncrementalPCA":
+    def set_state(self, state: PCAState) -> IncrementalPCA:
         """Replace the state (e.g. with the all-rank merge); fitting may continue afterwards."""
         if self._cuml is not None:
             self._cuml = _CumlFitter(self, base=state)
