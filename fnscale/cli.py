@@ -6,54 +6,15 @@ with a traceback only under --debug.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
 import click
 
-from fnscale.config import TrainConfig, load_yaml, merge
+from fnscale import cli_eval, cli_templates
+from fnscale.cli_options import CONTEXT, config_option, load_config, options_from
+from fnscale.config import TrainConfig
 from fnscale.errors import FnscaleError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "show_default": True}
-
-
-def _click_type(f: dataclasses.Field):
-    if f.metadata.get("choices"):
-        return click.Choice(f.metadata["choices"])
-    t = str(f.type)
-    if t.startswith("int"):
-        return int
-    if t.startswith("float"):
-        return float
-    return str
-
-
-def options_from(cls):
-    """Click options for every field of a config dataclass: declared once, listed with defaults in --help."""
-
-    def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name == "debug":
-                continue
-            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-            help_text = f.metadata.get("help", "")
-            if isinstance(f.default, bool):
-                if "/" not in flag:
-                    flag = f"{flag}/--no-{flag[2:]}" if f.default else flag
-                fn = click.option(flag, f.name, default=f.default, is_flag=True, help=help_text)(fn)
-            elif isinstance(f.default, tuple):
-                fn = click.option(flag, f.name, multiple=True, default=(), type=str, help=help_text + " [repeatable]")(fn)
-            else:
-                fn = click.option(flag, f.name, default=f.default, type=_click_type(f), help=help_text)(fn)
-        return fn
-
-    return decorate
-
-
-def explicit_params(ctx: click.Context) -> set[str]:
-    """Names of the options given on the command line (they beat the YAML config)."""
-    return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
 class UserError(click.ClickException):
@@ -94,7 +55,7 @@ def cli(ctx, debug):
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML file of options; flags given here override it")
+@config_option
 @options_from(TrainConfig)
 @click.pass_context
 def train(ctx, config_file, **values):
@@ -104,9 +65,7 @@ def train(ctx, config_file, **values):
     """
     from fnscale.train import train as run_train
 
-    yaml_values = load_yaml(config_file) if config_file else {}
-    cfg = merge(TrainConfig, yaml_values, values, explicit_params(ctx))
-    summary = run_train(cfg)
+    summary = run_train(load_config(TrainConfig, ctx, config_file, values))
     if _is_main():
         click.echo("\nrun summary")
         for k, v in summary.items():
@@ -121,14 +80,8 @@ def doctor():
     click.echo(report())
 
 
-@cli.group(context_settings=CONTEXT)
-def templates():
-    """Build, inspect and compare functional-network templates."""
-
-
-@cli.group(name="eval", context_settings=CONTEXT, invoke_without_command=False)
-def eval_group():
-    """Measure what fine-tuning gained on the task and lost on retention data."""
+cli.add_command(cli_templates.templates)
+cli.add_command(cli_eval.eval_cmd)
 
 
 def _is_main() -> bool:
@@ -136,16 +89,11 @@ def _is_main() -> bool:
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules (imports stay light until a command runs)."""
-    from fnscale import cli_eval, cli_templates
-
-    cli_templates.register(templates)
-    cli_eval.register(eval_group, cli)
+    """Nothing left to do: the subcommands are added when this module is imported (kept for older callers)."""
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _register_subcommands()
     cli.main(args=argv, prog_name="fnscale")

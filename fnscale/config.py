@@ -1,7 +1,7 @@
 """Run configuration as plain data: one dataclass per command, read from YAML and overridden by CLI flags.
 
 Each field's metadata (`help`, optional `choices`, `flag`) drives the Click options, so a field is
-declared once and shows up in `--help` with its default.
+declared once and shows up in `--help` with its default. This module imports no torch: `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ import yaml
 
 from fnscale.errors import UsageError
 
+SITES = ("intermediate", "mlp_output")  # where an MLP's neurons are read and masked: down-projection input, MLP output
+SCHEMAS = ("auto", "alpaca", "prompt-completion", "qa", "chat", "text")  # column schemas of SFT data (see fnscale.data)
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+PCA_BACKENDS = ("auto", "cuml", "torch", "numpy")  # numpy: float64 on the CPU
+PCA_BACKEND_ALIASES = {"sklearn": "numpy"}  # the numpy backend's former name, still accepted
+CL_METRICS = ("token_accuracy", "exact_match")  # scores the continual-learning matrix R can hold
+
 
 def opt(default, help: str, choices=None, flag: str | None = None, secondary: str | None = None):
     """A config field with the metadata the CLI needs."""
@@ -25,13 +32,13 @@ class TrainConfig:
     # model
     model: str | None = opt(None, "HF hub id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo)")
-    dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", ["auto", "float32", "bfloat16", "float16"])
+    dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
     # data
     dataset: str | None = opt(None, "SFT data: .json/.jsonl/.csv/.parquet file or hub dataset; default: bundled sample data")
     validation_dataset: str | None = opt(None, "held-out data; default: split off --validation-split of --dataset")
     validation_split: float = opt(0.05, "share of --dataset held out for evaluation when there is no --validation-dataset")
-    schema: str = opt("auto", "column schema", ["auto", "alpaca", "prompt-completion", "qa", "chat", "text"])
+    schema: str = opt("auto", "column schema", list(SCHEMAS))
     prompt_column: str | None = opt(None, "custom prompt column (with --response-column)")
     response_column: str | None = opt(None, "custom response column (with --prompt-column)")
     template: str = opt("auto", "prompt format: the tokenizer's chat template (auto, when it has one) or a plain one", ["auto", "chat", "plain"])
@@ -80,37 +87,104 @@ class TrainConfig:
     ica_components: int = opt(10, "components to compute when no --ica-template-path is given")
     ica_percentile: float = opt(98.0, "loading percentile a neuron must pass to join a network")
     ica_samples: int = opt(64, "training examples used to compute templates when none are given")
-    ica_site: str = opt("intermediate", "capture site for computed templates", ["intermediate", "mlp_output"])
+    ica_site: str = opt("intermediate", "capture site for computed templates", list(SITES))
     mask_kernel: str = opt("auto", "masking path: auto (Triton on CUDA), triton or torch", ["auto", "triton", "torch"])
     compact: str = opt("auto", "compact preserve: compute the MLP over kept neurons only (auto: preserve with < 50% kept)", ["auto", "on", "off"])
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
-    debug: bool = opt(False, "show tracebacks")
 
 
-def config_fields(cls) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls))
+@dataclass
+class TemplatesBuildConfig:
+    """`fnscale templates build`: MODEL and DATASETs may also come as positional arguments (see cli_templates)."""
+
+    model: str | None = opt(None, "model id, folder or .gguf (instead of the MODEL argument); default: the embedded SmolLM2")
+    dataset: tuple[str, ...] = opt((), "data file or hub dataset (instead of DATASET arguments); default: bundled sample data")
+    samples_per_dataset: int = opt(100, "examples drawn from each dataset")
+    components: int = opt(10, "number of ICA components (functional networks)")
+    percentile: float = opt(98.0, "loading percentile a neuron must pass (98 keeps ~2%)")
+    site: str = opt("intermediate", "capture site: down-projection input or MLP output", list(SITES))
+    layers: str | None = opt(None, "layers to capture, e.g. 0-7,12 (default: all)")
+    scope: str = opt("global", "one decomposition over all layers, or one per layer", ["global", "layer"])
+    ica_kind: str = opt("temporal", "temporal ICA (the paper's) or spatial ICA", ["temporal", "spatial"])
+    pca_backend: str = opt(
+        "auto",
+        "PCA backend (auto: cuML, then torch on CUDA, then numpy on the CPU; sklearn: an alias of numpy)",
+        [*PCA_BACKENDS, *PCA_BACKEND_ALIASES],
+    )
+    output: str = opt("ica_templates", "output folder for global_templates.json, coverage.txt and coverage.png")
+    max_seq_length: int = opt(512, "truncate samples to this many tokens")
+    batch_size: int = opt(8, "samples per forward pass")
+    dtype: str = opt("auto", "model dtype", DTYPES)
+    cache_budget_gb: float = opt(0.0, "keep captured activations (fp16) in memory up to this size, skipping the recomputing passes")
+    seed: int = opt(0, "seed for sampling and FastICA")
+    gguf_file: str | None = opt(None, "GGUF file inside MODEL")
+    trust_remote_code: bool = opt(False, "allow custom model code from the hub")
+
+
+@dataclass
+class EvalConfig:
+    # models
+    model: str | None = opt(None, "base model: HF id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo); default: none")
+    adapter: tuple[str, ...] = opt((), "PEFT adapter folder to load onto the base model; default: none")
+    finetuned: tuple[str, ...] = opt((), "full fine-tuned model folder (same tokenizer as the base); default: none")
+    sequence: str | None = opt(
+        None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none"
+    )
+    # task data
+    task: str | None = opt(None, "task data (.json/.jsonl/.csv/.parquet or hub dataset); default: the bundled sample data")
+    task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
+    validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)")
+    schema: str = opt("auto", "column schema of the task data", list(SCHEMAS))
+    template: str = opt("auto", "prompt format (as in training)", ["auto", "chat", "plain"])
+    prompt_column: str | None = opt(None, "custom prompt column (with --response-column); default: from --schema")
+    response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
+    max_samples: int | None = opt(None, "use only the first N records of each data file; default: all")
+    # retention
+    retention: tuple[str, ...] = opt(
+        (), "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips"
+    )
+    # generation
+    generate: int = opt(32, "greedy generations per task scored for exact match and token accuracy (0: none)")
+    cl_metric: str = opt("token_accuracy", "score in the continual-learning matrix R", list(CL_METRICS))
+    lm_eval_tasks: str | None = opt(None, "comma-separated lm-eval harness tasks (needs `pip install lm-eval` and reachable data); default: none")
+    lm_eval_limit: int | None = opt(None, "examples per lm-eval task; default: all")
+    # runtime
+    max_seq_length: int = opt(512, "truncate task examples (keeping the response) and chunk retention text to this many tokens")
+    batch_size: int = opt(8, "sequences per forward pass")
+    seed: int = opt(42, "seed for the held-out split and the choice of generated examples")
+    dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
+    device: str = opt("auto", "device (auto: CUDA > MPS > CPU), e.g. cpu or cuda:1")
+    trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
+    output: str = opt("runs/eval", "folder for report.json, report.md, the plot and TensorBoard scalars")
+
+
+def read_yaml(path: str | Path, what: str = "config file"):
+    """The parsed YAML (or JSON, a subset of YAML) of `path`; a missing or malformed file is a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} {path} not found; fix the path")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: malformed YAML/JSON: {str(err).splitlines()[0]}") from err
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from err
+    """A config file's options as {field_name: value} (dashes in keys read as underscores)."""
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of option: value")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def merge(cls, yaml_values: dict, cli_values: dict, cli_explicit: set[str]):
+def merge(cls, yaml_values: dict, cli_values: dict, cli_explicit: set[str], command: str = "train"):
     """Defaults < YAML < flags given on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(yaml_values) - names)
     if unknown:
-        raise UsageError(f"unknown option(s) in config file: {', '.join(unknown)}; see `fnscale train --help`")
+        raise UsageError(f"unknown option(s) in config file: {', '.join(unknown)}; see `fnscale {command} --help`")
     values = {k: v for k, v in cli_values.items() if k in names}
     for k, v in yaml_values.items():
         if k not in cli_explicit:

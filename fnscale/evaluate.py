@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fnscale import data, models
-from fnscale.config import opt
+from fnscale.config import EvalConfig
 from fnscale.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -28,41 +28,6 @@ log = logging.getLogger(__name__)
 NO_LIMIT = 10**9  # a max_len that never truncates (chunking happens afterwards)
 GEN_SLACK = 8  # extra new tokens allowed beyond the reference, so a longer tokenisation is not cut short
 CL_METRICS = ("token_accuracy", "exact_match")
-
-
-@dataclass
-class EvalConfig:
-    # models
-    model: str | None = opt(None, "base model: HF id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
-    gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo); default: none")
-    adapter: tuple[str, ...] = opt((), "PEFT adapter folder to load onto the base model; default: none")
-    finetuned: tuple[str, ...] = opt((), "full fine-tuned model folder (same tokenizer as the base); default: none")
-    sequence: str | None = opt(None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none")
-    # task data
-    task: str | None = opt(None, "task data (.json/.jsonl/.csv/.parquet or hub dataset); default: the bundled sample data")
-    task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
-    validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)")
-    schema: str = opt("auto", "column schema of the task data", list(data.SCHEMAS))
-    template: str = opt("auto", "prompt format (as in training)", ["auto", "chat", "plain"])
-    prompt_column: str | None = opt(None, "custom prompt column (with --response-column); default: from --schema")
-    response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
-    max_samples: int | None = opt(None, "use only the first N records of each data file; default: all")
-    # retention
-    retention: tuple[str, ...] = opt((), "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips")
-    # generation
-    generate: int = opt(32, "greedy generations per task scored for exact match and token accuracy (0: none)")
-    cl_metric: str = opt("token_accuracy", "score in the continual-learning matrix R", list(CL_METRICS))
-    lm_eval_tasks: str | None = opt(None, "comma-separated lm-eval harness tasks (needs `pip install lm-eval` and reachable data); default: none")
-    lm_eval_limit: int | None = opt(None, "examples per lm-eval task; default: all")
-    # runtime
-    max_seq_length: int = opt(512, "truncate task examples (keeping the response) and chunk retention text to this many tokens")
-    batch_size: int = opt(8, "sequences per forward pass")
-    seed: int = opt(42, "seed for the held-out split and the choice of generated examples")
-    dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", ["auto", "float32", "bfloat16", "float16"])
-    device: str = opt("auto", "device (auto: CUDA > MPS > CPU), e.g. cpu or cuda:1")
-    trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
-    output: str = opt("runs/eval", "folder for report.json, report.md, the plot and TensorBoard scalars")
-    debug: bool = opt(False, "show tracebacks")
 
 
 # ---------------------------------------------------------------- token-level loss
@@ -292,15 +257,10 @@ def cl_metrics(R, baseline) -> dict:
 
 def load_sequence(path: str) -> list[dict]:
     """[{task, checkpoint, name}] from YAML/JSON; relative paths resolve against the file's folder first."""
-    import yaml
+    from fnscale.config import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--sequence file {path} not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path}: malformed YAML/JSON: {str(err).splitlines()[0]}") from err
+    raw = read_yaml(p, "--sequence file")
     if isinstance(raw, dict):
         raw = raw.get("sequence")
     if not isinstance(raw, list) or not raw or not all(isinstance(e, dict) and "task" in e and "checkpoint" in e for e in raw):

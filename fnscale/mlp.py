@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fnscale.config import SITES  # noqa: F401  (re-exported: the capture sites)
 from fnscale.errors import UsageError
-
-SITES = ("intermediate", "mlp_output")
 
 # Dotted-path parts that mark attention modules; their output projection can look like a down
 # projection (e.g. Gemma-7B's o_proj maps 4096 -> 3072 == hidden).

@@ -97,9 +97,8 @@ def test_zero_samples_and_too_many_components(tiny_llama):
 
 
 def test_templates_cli_round_trip(tiny_llama, sft_file, tmp_path):
-    from fnscale.cli import _register_subcommands, cli
+    from fnscale.cli import cli
 
-    _register_subcommands()
     runner = CliRunner()
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--components", "3", "--percentile", "95", "--samples-per-dataset", "16", "--max-seq-length", "48"]
@@ -116,3 +115,35 @@ def test_templates_cli_round_trip(tiny_llama, sft_file, tmp_path):
     cmp = runner.invoke(cli, ["templates", "compare", str(a / "global_templates.json"), str(b / "global_templates.json")])
     assert cmp.exit_code == 0 and "mean IoU of 3 matched components: 1.000" in cmp.output
     assert [ta.components[c].keys() for c in range(3)] == [tb.components[c].keys() for c in range(3)]
+
+
+def test_templates_build_config_file_and_flags(tiny_llama, sft_file, tmp_path):
+    """--config supplies options (model and datasets too); flags given on the command line beat it."""
+    import yaml
+
+    from fnscale.cli import cli
+
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text(yaml.safe_dump({"model": tiny_llama, "dataset": [sft_file], "components": 2, "percentile": 95,
+                                   "samples-per-dataset": 12, "max_seq_length": 48, "output": str(tmp_path / "from_yaml")}))
+    res = CliRunner().invoke(cli, ["templates", "build", "--config", str(cfg), "--components", "3", "--output", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    t = Templates.load(tmp_path / "o" / "global_templates.json")
+    assert t.n_components == 3 and t.percentile == 95 and t.datasets == [sft_file]
+    assert t.model == tiny_llama.rstrip("/").split("/")[-1] and not (tmp_path / "from_yaml").exists()
+    cfg.write_text("componentz: 3\n")
+    bad = CliRunner().invoke(cli, ["templates", "build", "--config", str(cfg)])
+    assert bad.exit_code == 2 and "unknown option(s) in config file: componentz; see `fnscale templates build --help`" in bad.output
+
+
+@pytest.mark.parametrize("args,model,datasets", [
+    (("M", ("a", "b"), None, ()), "M", ["a", "b"]),  # templates build M a b
+    (("a", ("b",), "M", ()), "M", ["a", "b"]),  # templates build --model M a b
+    (("b", (), "M", ("a",)), "M", ["a", "b"]),  # templates build --model M --dataset a b
+    (("M", ("b",), None, ("a",)), "M", ["a", "b"]),  # templates build --dataset a M b
+    ((None, (), None, ()), None, []),
+])
+def test_templates_build_positional_and_named_forms(args, model, datasets):
+    from fnscale.cli_templates import model_and_datasets
+
+    assert model_and_datasets(*args) == (model, datasets)

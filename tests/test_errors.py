@@ -96,9 +96,8 @@ def test_bad_input_in_process(files, case, capsys):
 
 @pytest.mark.parametrize("case", CASES[:6], ids=[c[0] for c in CASES[:6]])
 def test_bad_input_click_runner(files, case):
-    from fnscale.cli import _register_subcommands, cli
+    from fnscale.cli import cli
 
-    _register_subcommands()
     _, argv, code, text = case
     res = CliRunner().invoke(cli, argv(files))
     _check(res.exit_code, res.stdout, res.stderr, code, text)

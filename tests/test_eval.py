@@ -221,8 +221,6 @@ def _cli(args):
 
     from fnscale import cli
 
-    cli._register_subcommands()
-    cli._register_subcommands()  # idempotent
     return CliRunner().invoke(cli.cli, args, catch_exceptions=False)
 
 

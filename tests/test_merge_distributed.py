@@ -36,7 +36,7 @@ def _data(seed=31, n_tokens=2400, n_neurons=600, k=5, size=12, noise=1.0):
 
 
 def _run(batches, gather=None):
-    dec = StreamingDecomposer(5, backend="sklearn", seed=0)
+    dec = StreamingDecomposer(5, backend="numpy", seed=0)
     for b in batches:
         dec.update_stats(b)
     dec.merge_stats(gather)
@@ -117,7 +117,7 @@ def test_merge_across_ranks_folds_in_rank_order():
     whole = RunningStats().update(np.concatenate(parts))
     np.testing.assert_allclose(merged.mean_, whole.mean_, atol=1e-12)
     np.testing.assert_allclose(merged.m2_, whole.m2_, rtol=1e-12)
-    states = [IncrementalPCA(5, backend="sklearn").partial_fit(p).get_state() for p in parts]
+    states = [IncrementalPCA(5, backend="numpy").partial_fit(p).get_state() for p in parts]
     folded = merge_across_ranks(states[1], lambda s: states + [PCAState(15)])
     direct = PCAState.merge(PCAState.merge(states[0], states[1]), states[2])
     np.testing.assert_array_equal(folded.components_, direct.components_)

@@ -118,7 +118,7 @@ def test_stats_constant_neurons_and_bad_input():
 # ----------------------------------------------------------------------------- PCA backends
 
 BACKENDS = [
-    pytest.param("sklearn", "cpu", id="sklearn"),
+    pytest.param("numpy", "cpu", id="numpy"),
     pytest.param("torch", "cpu", id="torch-cpu"),
     pytest.param("torch", "cuda", id="torch-cuda"),
     pytest.param("cuml", None, id="cuml"),
@@ -181,7 +181,7 @@ def test_numpy_update_agrees_with_sklearn_incremental_pca():
     from sklearn.decomposition import IncrementalPCA as SkIPCA
 
     x = _lowrank(404, n=1200, d=120)
-    ours = IncrementalPCA(10, oversample=0, backend="sklearn", chunk_size=100)
+    ours = IncrementalPCA(10, oversample=0, backend="numpy", chunk_size=100)
     sk = SkIPCA(10)
     for i in range(0, 1200, 100):
         ours.partial_fit(x[i : i + 100])
@@ -193,7 +193,7 @@ def test_numpy_update_agrees_with_sklearn_incremental_pca():
 
 def test_torch_and_numpy_backends_agree_and_accept_tensors():
     x = _lowrank(505, n=600, d=80)
-    a = IncrementalPCA(5, backend="sklearn").partial_fit(x)
+    a = IncrementalPCA(5, backend="numpy").partial_fit(x)
     b = IncrementalPCA(5, backend="torch", device="cpu").partial_fit(torch.from_numpy(x).float())
     assert _cosines(a.components_, b.components_).min() >= 1 - 1e-6
     np.testing.assert_allclose(a.transform(x[:10]), b.transform(x[:10]), rtol=1e-4, atol=1e-4)
@@ -202,28 +202,30 @@ def test_torch_and_numpy_backends_agree_and_accept_tensors():
 def test_rank_deficient_and_empty_states():
     rng = np.random.default_rng(606)
     x = rng.normal(size=(100, 3)) @ rng.normal(size=(3, 40))  # rank 3
-    st = IncrementalPCA(5, backend="sklearn").partial_fit(x).get_state()
+    st = IncrementalPCA(5, backend="numpy").partial_fit(x).get_state()
     assert st.components_.shape[0] == 3  # directions with no variance are dropped, not invented
     assert np.isfinite(st.components_).all()
     empty = PCAState(15)
     assert merge(empty, st).n_samples_seen_ == 100
     assert merge(st, empty).components_.shape == st.components_.shape
     with pytest.raises(UsageError, match="seen no data"):
-        IncrementalPCA(2, backend="sklearn").components_
+        IncrementalPCA(2, backend="numpy").components_
 
 
 def test_backend_selection_and_refusals():
     with pytest.raises(UsageError, match="unknown PCA backend 'magic'"):
         resolve_backend("magic")
-    assert resolve_backend("numpy") == "sklearn"
+    assert resolve_backend("numpy") == "numpy"
+    assert resolve_backend("sklearn") == resolve_backend("SKLearn") == "numpy"  # the former name stays an alias
+    assert IncrementalPCA(2, backend="sklearn").backend_ == "numpy"
     assert resolve_backend("torch") == "torch"
     if not _cuml_available():
         with pytest.raises(UsageError, match="--pca-backend cuml needs RAPIDS cuML"):
             resolve_backend("cuml")
-        expected = "torch" if torch.cuda.is_available() else "sklearn"
+        expected = "torch" if torch.cuda.is_available() else "numpy"
         assert resolve_backend("auto") == expected
     with pytest.raises(UsageError, match="n_components must be >= 1"):
-        IncrementalPCA(0, backend="sklearn")
-    pca = IncrementalPCA(2, backend="sklearn").partial_fit(np.random.default_rng(0).normal(size=(20, 6)))
+        IncrementalPCA(0, backend="numpy")
+    pca = IncrementalPCA(2, backend="numpy").partial_fit(np.random.default_rng(0).normal(size=(20, 6)))
     with pytest.raises(UsageError, match="earlier batches had 6"):
         pca.partial_fit(np.zeros((4, 7)))

@@ -166,7 +166,7 @@ def test_from_decomposition_end_to_end(tmp_path):
     for c in range(4):
         A[rng.choice(500, 10, replace=False), c] = 2.0
     x = rng.laplace(size=(1500, 4)) @ A.T + 0.5 * rng.normal(size=(1500, 500))
-    dec = decompose([x[:700], x[700:]], 4, backend="sklearn")
+    dec = decompose([x[:700], x[700:]], 4, backend="numpy")
     t = Templates.from_decomposition(dec, layers, width, model="toy", num_layers=4)
     assert t.percentile == 98.0 and t.token_counts == {"total": 1500}
     assert sum(t.coverage().sum(1)) == sum(int(m.sum()) for m in dec.masks)

@@ -59,8 +59,7 @@ def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) 
     )
     if accelerator.is_main_process:
         out = Path(cfg.output_dir) / "templates"
-        templates.save(out / "global_templates.json")
-        templates.save_heatmap(out / "coverage.png")
+        templates.save_folder(out)
         log.info("computed %d functional networks on %d samples; saved in %s", cfg.ica_components, len(samples), out)
     return templates
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import torch
+from tqdm.auto import tqdm
 
+from fnscale import data, models
+from fnscale.config import TemplatesBuildConfig
 from fnscale.distributed import broadcast_from_main
 from fnscale.errors import UsageError
-from fnscale.networks.capture import ActivationCapture
+from fnscale.networks.capture import ActivationCapture, parse_layers
 from fnscale.networks.decompose import StreamingDecomposer
 from fnscale.networks.stats import torch_all_gather
 from fnscale.networks.templates import Templates
@@ -25,15 +27,59 @@ log = logging.getLogger(__name__)
 
 
 def _batches(samples: Sequence[list[int]], batch_size: int, pad_id: int, device):
+    """(input_ids, attention_mask) per batch, right-padded as training pads them."""
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, : len(s)] = torch.tensor(s)
-            attn[j, : len(s)] = 1
-        yield ids.to(device), attn.to(device)
+        batch = data.collate([{"input_ids": s, "labels": s} for s in samples[i : i + batch_size]], pad_id)
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+class _ActivationPasses:
+    """This rank's batches, one pass per call: cached activations (fp16, within a budget) once a pass
+    completed under it, else fresh forwards; a rank out of batches does throw-away forwards."""
+
+    def __init__(self, cap: ActivationCapture, samples, n_steps: int, batch_size: int, pad_id: int, device, budget_gb: float, show: bool):
+        self.cap, self.samples, self.n_steps, self.batch_size, self.pad_id, self.device = cap, samples, n_steps, batch_size, pad_id, device
+        self.budget_gb, self.show = budget_gb, show
+        self.cache: list[np.ndarray | None] | None = [] if budget_gb > 0 else None
+        self.cache_bytes = 0
+
+    def __call__(self, desc: str):
+        if self.cache is not None and len(self.cache) == self.n_steps:
+            yield from (c.astype(np.float32) if c is not None else None for c in self.cache)
+            return
+        it = _batches(self.samples, self.batch_size, self.pad_id, self.device)
+        for _ in tqdm(range(self.n_steps), desc=desc, disable=not self.show, leave=False):
+            b = next(it, None)
+            if b is None:
+                self.cap.dummy(self.device)
+            acts = None if b is None else self.cap.run(*b)
+            self._keep(acts)
+            yield acts
+
+    def _keep(self, acts: np.ndarray | None) -> None:
+        if self.cache is None:
+            return
+        self.cache_bytes += 0 if acts is None else acts.size * 2
+        if self.cache_bytes > self.budget_gb * 2**30:
+            log.info("activation cache over its %.2f GB budget; recomputing passes instead", self.budget_gb)
+            self.cache = None
+        else:
+            self.cache.append(None if acts is None else acts.astype(np.float16))
+
+
+def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str, **meta) -> Templates:
+    """scope=layer: one decomposition per layer; its components are numbered on after the previous layer's."""
+    comps, loads, total = {}, {}, 0
+    for layer, res in zip(captured, results):
+        for c, mask in enumerate(res.masks):
+            cid = len(comps)
+            comps[cid] = {layer: np.flatnonzero(mask)}
+            loads[cid] = {layer: res.mixing[mask, c]}
+        total = res.n_tokens
+    meta.setdefault("percentile", percentile)
+    meta.setdefault("kind", kind)
+    meta.setdefault("token_counts", {"total": int(total)})
+    return Templates(layers=captured, neurons_per_layer=width, components=comps, loadings=loads, **meta)
 
 
 def build_templates(
@@ -71,33 +117,7 @@ def build_templates(
         # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
         groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
         decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed) for _ in groups]
-        cache: list[np.ndarray] | None = [] if cache_budget_gb > 0 else None
-        cache_bytes, budget = 0, cache_budget_gb * 2**30
-
-        def stream(desc: str):
-            """One pass over this rank's batches: cached activations when complete, else fresh forwards."""
-            nonlocal cache, cache_bytes
-            if cache is not None and len(cache) == n_steps:
-                yield from (c.astype(np.float32) if c is not None else None for c in cache)
-                return
-            it = _batches(mine, batch_size, pad_id, device)
-            from tqdm.auto import tqdm
-
-            for _ in tqdm(range(n_steps), desc=desc, disable=not (progress and rank == 0), leave=False):
-                b = next(it, None)
-                if b is None:
-                    cap.dummy(device)
-                    acts = None
-                else:
-                    acts = cap.run(*b)
-                if cache is not None:
-                    cache_bytes += 0 if acts is None else acts.size * 2
-                    if cache_bytes > budget:
-                        log.info("activation cache over its %.2f GB budget; recomputing passes instead", cache_budget_gb)
-                        cache = None
-                    else:
-                        cache.append(None if acts is None else acts.astype(np.float16))
-                yield acts
+        stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, cache_budget_gb, progress and rank == 0)
 
         def feed(desc: str, update) -> None:
             """One pass: every rank-local batch to every decomposition, as update(index, decomposer, columns)."""
@@ -129,25 +149,13 @@ def build_templates(
         if scope == "global":
             result = Templates.from_decomposition(results[0], captured, width, **meta)
         else:
-            comps, loads, total = {}, {}, 0
-            for layer, res in zip(captured, results):
-                for c, mask in enumerate(res.masks):
-                    cid = len(comps)
-                    comps[cid] = {layer: np.flatnonzero(mask)}
-                    loads[cid] = {layer: res.mixing[mask, c]}
-                total = res.n_tokens
-            meta.setdefault("percentile", percentile)
-            meta.setdefault("kind", kind)
-            meta.setdefault("token_counts", {"total": int(total)})
-            result = Templates(layers=captured, neurons_per_layer=width, components=comps, loadings=loads, **meta)
+            result = _per_layer_templates(results, captured, width, percentile=percentile, kind=kind, **meta)
     return broadcast_from_main(result, accelerator)
 
 
 def tokenize_samples(tokenizer, sources: Sequence[str], samples_per_dataset: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], dict[str, int]]:
     """Up to N examples from each data source (a seeded choice), rendered like training prompts + responses."""
     import random
-
-    from fnscale import data
 
     out, counts = [], {}
     for src in sources:
@@ -162,43 +170,28 @@ def tokenize_samples(tokenizer, sources: Sequence[str], samples_per_dataset: int
     return out, counts
 
 
-def run_build(model_name: str | None, sources: Sequence[str], output: str, *, samples_per_dataset: int = 100, n_components: int = 10,
-              percentile: float = 98.0, site: str = "intermediate", layers_spec: str | None = None, scope: str = "global",
-              kind: str = "temporal", backend: str = "auto", max_seq_length: int = 512, batch_size: int = 8, dtype: str = "auto",
-              seed: int = 0, cache_budget_gb: float = 0.0, gguf_file: str | None = None, trust_remote_code: bool = False) -> dict:
+def run_build(cfg: TemplatesBuildConfig) -> dict:
     """`fnscale templates build`: load, capture (sharded under accelerate launch), decompose, save atomically."""
-    from pathlib import Path
-
-    from fnscale import data, models
     from fnscale.distributed import make_accelerator
-    from fnscale.networks.capture import parse_layers
+    from fnscale.mlp import find_mlp_layers
 
-    if not 0 < percentile < 100:
-        raise UsageError(f"--percentile {percentile} must be between 0 and 100 (exclusive)")
+    if not 0 < cfg.percentile < 100:
+        raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
     accelerator = make_accelerator()
     with accelerator.main_process_first():
-        source = models.resolve_model(model_name, gguf_file)
-    tokenizer = models.load_tokenizer(source, trust_remote_code)
-    model = models.load_model(source, models.resolve_dtype(dtype, accelerator.device), None, trust_remote_code)
+        source = models.resolve_model(cfg.model, cfg.gguf_file)
+    tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
+    model = models.load_model(source, models.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code)
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    from fnscale.masking import find_mlp_layers
-
-    num_layers = len(find_mlp_layers(accelerator.unwrap_model(model)))
-    layers = parse_layers(layers_spec, num_layers)
-    samples, counts = tokenize_samples(tokenizer, list(sources) or [data.DEFAULT_DATASET], samples_per_dataset, max_seq_length, seed)
+    layers = parse_layers(cfg.layers, len(find_mlp_layers(accelerator.unwrap_model(model))))
+    sources = list(cfg.dataset) or [data.DEFAULT_DATASET]
+    samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed)
     templates = build_templates(
-        model, samples, n_components=n_components, percentile=percentile, site=site, layers=layers, scope=scope, kind=kind,
-        backend=backend, batch_size=batch_size, pad_id=tokenizer.pad_token_id, seed=seed, cache_budget_gb=cache_budget_gb,
-        accelerator=accelerator, model_name=source.display_name, datasets=list(sources) or ["default"], token_counts=counts,
+        model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
+        kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+        cache_budget_gb=cfg.cache_budget_gb, accelerator=accelerator, model_name=source.display_name,
+        datasets=list(cfg.dataset) or ["default"], token_counts=counts,
     )
-    out = Path(output)
-    paths = {}
-    if accelerator.is_main_process:
-        paths["path"] = str(templates.save(out / "global_templates.json"))
-        from fnscale.atomic import write_text
-
-        write_text(out / "coverage.txt", templates.coverage_table() + "\n")
-        paths["coverage"] = str(out / "coverage.txt")
-        paths["heatmap"] = str(templates.save_heatmap(out / "coverage.png"))
+    paths = templates.save_folder(cfg.output) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
     return {"templates": templates, **paths}

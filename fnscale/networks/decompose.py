@@ -29,8 +29,8 @@ gather Z to rank 0 instead (`dist.gather_object`), call `finish` there and broad
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 

@@ -8,9 +8,8 @@ mixing matrix has a closed form:
     X - mean = sources @ mixing_.T,     sources = (X - mean) @ unmixing_.T  (unit variance)
 
 Re-whitening Z exactly also absorbs the small error of the streaming PCA's singular values.
-The iteration is scikit-learn's `FastICA(whiten=False, fun="logcosh", algorithm="parallel")`
-step for step, including its seeded start (`RandomState(seed).normal`), and the tests check
-that the two agree; it lives here in numpy so that capture ranks need not import scikit-learn.
+The rotation is scikit-learn's `FastICA(whiten=False, fun="logcosh", algorithm="parallel")` on
+the white data (seeded: `random_state=seed`). Only the main process runs it, after the capture passes.
 """
 
 from __future__ import annotations
@@ -63,8 +62,7 @@ def fast_ica(
             "or capture more varied text"
         )
     K = E / np.sqrt(lam)  # features x k whitening
-    Xw = Xc @ K
-    W, n_iter, converged = _parallel_logcosh(Xw, np.random.RandomState(seed).normal(size=(k, k)), max_iter, tol)
+    W, n_iter, converged = _rotate(Xc @ K, seed, max_iter, tol)
     if not converged:
         warnings.warn(
             f"FastICA did not converge in {max_iter} iterations (tol {tol}); the networks may be "
@@ -72,29 +70,23 @@ def fast_ica(
             RuntimeWarning,
             stacklevel=2,
         )
-    unmixing = W @ K.T  # W is orthogonal because Xw is white
+    unmixing = W @ K.T  # W is orthogonal because Xc @ K is white
     mixing = (E * np.sqrt(lam)) @ W.T
     return ICAResult(Xc @ unmixing.T, mixing, unmixing, mean, n_iter, converged)
 
 
-def _sym_decorrelation(W: np.ndarray) -> np.ndarray:
-    """W <- (W W^T)^(-1/2) W: the nearest orthogonal matrix, so all rows update in parallel."""
-    s, u = np.linalg.eigh(W @ W.T)
-    s = np.clip(s, np.finfo(W.dtype).tiny, None)
-    return (u * (1.0 / np.sqrt(s))) @ u.T @ W
+def _rotate(Xw: np.ndarray, seed: int, max_iter: int, tol: float) -> tuple[np.ndarray, int, bool]:
+    """The orthogonal unmixing W (k x k) of white Xw by scikit-learn's parallel logcosh FastICA,
+    its iteration count, and whether it converged (scikit-learn only warns when it does not)."""
+    from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
 
-
-def _parallel_logcosh(Xw: np.ndarray, w_init: np.ndarray, max_iter: int, tol: float):
-    """Fixed-point iteration W <- E[g(W x) x^T] - E[g'(W x)] W, g = tanh, on white Xw (n x k)."""
-    X = np.ascontiguousarray(Xw.T)  # k x n
-    n = X.shape[1]
-    W = _sym_decorrelation(w_init)
-    for it in range(1, max_iter + 1):
-        gx = np.tanh(W @ X)
-        g_prime = (1.0 - gx**2).mean(axis=1)
-        W1 = _sym_decorrelation(gx @ X.T / n - g_prime[:, None] * W)
-        lim = np.max(np.abs(np.abs(np.einsum("ij,ij->i", W1, W)) - 1.0))
-        W = W1
-        if lim < tol:
-            return W, it, True
-    return W, max_iter, False
+    ica = FastICA(whiten=False, fun="logcosh", algorithm="parallel", max_iter=max_iter, tol=tol, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        ica.fit(Xw)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    for w in caught:  # pass on anything else scikit-learn said
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ica.components_, int(ica.n_iter_), converged

@@ -13,8 +13,8 @@ Truncating to k' after each step is what makes this approximate; the oversampled
 directions soak up the truncation error so the top k stay accurate (tests: principal-angle
 cosines >= 0.99 against an exact SVD).
 
-Backends run the same update: `sklearn` (numpy, float64, CPU; the name says it is the
-scikit-learn algorithm), `torch` (CUDA when present, also CPU), `cuml` (RAPIDS
+Backends run the same update: `numpy` (float64, CPU; `sklearn` is accepted as an alias, the
+name it had because it is scikit-learn's algorithm), `torch` (CUDA when present, also CPU), `cuml` (RAPIDS
 `IncrementalPCA` on the GPU, imported lazily). Exported states are always numpy float64, and
 merging them (`merge`, `stats.merge_across_ranks`) always runs on the CPU, so every rank gets
 bit-identical results.
@@ -27,10 +27,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from fnscale.config import PCA_BACKEND_ALIASES, PCA_BACKENDS
 from fnscale.errors import UsageError
 from fnscale.networks.stats import as_2d, merge_across_ranks, torch_all_gather  # noqa: F401 (re-export)
 
-BACKENDS = ("auto", "cuml", "torch", "sklearn")
+BACKENDS = PCA_BACKENDS
 
 
 # ----------------------------------------------------------------------------- array ops
@@ -39,7 +40,7 @@ BACKENDS = ("auto", "cuml", "torch", "sklearn")
 class _NumpyOps:
     """numpy float64 on the CPU."""
 
-    name = "sklearn"
+    name = "numpy"
 
     def asarray(self, x):
         if type(x).__module__.startswith("torch"):
@@ -204,7 +205,7 @@ class PCAState:
         return self.singular_values_**2 / self.total_m2_ if self.total_m2_ > 0 else np.zeros_like(self.singular_values_)
 
     @staticmethod
-    def merge(a: "PCAState", b: "PCAState") -> "PCAState":
+    def merge(a: PCAState, b: PCAState) -> PCAState:
         return merge(a, b)
 
 
@@ -247,10 +248,9 @@ def _cuml_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """Map `auto|cuml|torch|sklearn` to the backend that will run; refuse what cannot."""
+    """Map `auto|cuml|torch|numpy` (or the alias `sklearn`) to the backend that will run; refuse what cannot."""
     name = str(backend).lower()
-    if name == "numpy":
-        name = "sklearn"
+    name = PCA_BACKEND_ALIASES.get(name, name)
     if name not in BACKENDS:
         raise UsageError(f"unknown PCA backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     if name == "auto":
@@ -258,7 +258,7 @@ def resolve_backend(backend: str) -> str:
             return "cuml"
         import torch
 
-        return "torch" if torch.cuda.is_available() else "sklearn"
+        return "torch" if torch.cuda.is_available() else "numpy"
     if name == "cuml" and not _cuml_available():
         raise UsageError(
             "--pca-backend cuml needs RAPIDS cuML and a CUDA GPU, and they were not found; "
@@ -301,7 +301,7 @@ class IncrementalPCA:
         self.backend_ = resolve_backend(backend)
         self.chunk_size = int(chunk_size or max(2 * self.keep, 64))
         # cuML fits; projection and the native state of the other two run on these ops.
-        if self.backend_ == "sklearn":
+        if self.backend_ == "numpy":
             self._ops = _NumpyOps()
         else:
             self._ops = _TorchOps(device, dtype)
@@ -320,7 +320,7 @@ class IncrementalPCA:
             x = x * self._scale
         return x
 
-    def partial_fit(self, X) -> "IncrementalPCA":
+    def partial_fit(self, X) -> IncrementalPCA:
         """Fold rows of X (tokens x neurons; numpy or torch, any float dtype) into the state."""
         X = as_2d(X)
         for start in range(0, X.shape[0], self.chunk_size):
@@ -361,7 +361,7 @@ class IncrementalPCA:
         to = self._ops.to_numpy
         return PCAState(self.keep, int(n), to(mean), to(v), to(s), float(m2))
 
-    def set_state(self, state: PCAState) -> "IncrementalPCA":
+    def set_state(self, state: PCAState) -> IncrementalPCA:
         """Replace the state (e.g. with the all-rank merge); fitting may continue afterwards."""
         if self._cuml is not None:
             self._cuml = _CumlFitter(self, base=state)
@@ -476,6 +476,6 @@ class _CumlFitter:
             )
         if self.pending:
             rows = self.cupy.asnumpy(self.cupy.concatenate(self.pending, axis=0)).astype(np.float64)
-            tail = IncrementalPCA(keep, oversample=0, backend="sklearn", chunk_size=max(keep, 64))
+            tail = IncrementalPCA(keep, oversample=0, backend="numpy", chunk_size=max(keep, 64))
             st = merge(st, replace(tail.partial_fit(rows).get_state(), n_components=keep))
         return st

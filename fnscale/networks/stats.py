@@ -13,8 +13,9 @@ torch batch on a GPU only ships two D-vectors to the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -84,7 +85,7 @@ class RunningStats:
     def n_features(self) -> int | None:
         return None if self.mean_ is None else int(self.mean_.shape[0])
 
-    def update(self, batch) -> "RunningStats":
+    def update(self, batch) -> RunningStats:
         """Fold one batch (tokens x neurons) into the state in place; empty batches are skipped."""
         batch = as_2d(batch)
         # float64 copies are made per block of rows (~128 MiB), never for the whole batch
@@ -123,7 +124,7 @@ class RunningStats:
             raise UsageError("no activations were seen (0 tokens); check the data and the padding mask")
 
     @staticmethod
-    def merge(a: "RunningStats", b: "RunningStats") -> "RunningStats":
+    def merge(a: RunningStats, b: RunningStats) -> RunningStats:
         return merge(a, b)
 
 

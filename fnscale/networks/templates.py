@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from fnscale.atomic import atomic_path, write_json
+from fnscale.atomic import atomic_path, write_json, write_text
+from fnscale.config import SITES
 from fnscale.errors import UsageError
 
 FORMAT = "fnscale-templates"
 VERSION = 1
-SITES = ("intermediate", "mlp_output")
 SCOPES = ("global", "layer")
 REFERENCE_FORMAT = "functionalnetworkssft"
 _REBUILD = "rebuild it with `fnscale templates build`"
@@ -103,7 +103,7 @@ class Templates:
         *,
         mixing: np.ndarray | None = None,
         **meta,
-    ) -> "Templates":
+    ) -> Templates:
         """Map flat boolean masks (the layers concatenated in `layers` order) to (layer, neuron).
 
         `mixing` (flat neurons x k), when given, stores each selected neuron's loading.
@@ -127,7 +127,7 @@ class Templates:
         return cls(layers=layers, neurons_per_layer=width, components=comps, loadings=loads, **meta)
 
     @classmethod
-    def from_decomposition(cls, dec, layers: Sequence[int], neurons_per_layer: int, *, with_loadings: bool = True, **meta) -> "Templates":
+    def from_decomposition(cls, dec, layers: Sequence[int], neurons_per_layer: int, *, with_loadings: bool = True, **meta) -> Templates:
         """Templates from a `Decomposition` (global scope): its masks, percentile, kind, token count."""
         meta.setdefault("percentile", dec.percentile)
         meta.setdefault("kind", dec.kind)
@@ -167,8 +167,16 @@ class Templates:
         write_json(path, self.to_dict(), indent=1)
         return Path(path)
 
+    def save_folder(self, folder: str | os.PathLike) -> dict[str, str]:
+        """global_templates.json, coverage.txt and coverage.png in `folder`; their paths by role."""
+        out = Path(folder)
+        paths = {"path": str(self.save(out / "global_templates.json")), "coverage": str(out / "coverage.txt")}
+        write_text(out / "coverage.txt", self.coverage_table() + "\n")
+        paths["heatmap"] = str(self.save_heatmap(out / "coverage.png"))
+        return paths
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Templates":
+    def load(cls, path: str | os.PathLike) -> Templates:
         """Read an fnscale template or a FunctionalNetworksSFT global_templates.json (auto-detected)."""
         path = Path(path)
         if not path.is_file():
@@ -208,7 +216,7 @@ class Templates:
         )
 
     @classmethod
-    def _from_fnscale(cls, d: dict) -> "Templates":
+    def _from_fnscale(cls, d: dict) -> Templates:
         comps = {int(e["id"]): e["neurons"] for e in d["components"]}
         loads = {int(e["id"]): e["loadings"] for e in d["components"] if "loadings" in e}
         return cls(
@@ -230,7 +238,7 @@ class Templates:
         )
 
     @classmethod
-    def _from_reference(cls, d: dict) -> "Templates":
+    def _from_reference(cls, d: dict) -> Templates:
         layout = d["layout"]
         return cls(
             layers=layout["captured_layers_sorted"],
@@ -317,24 +325,7 @@ class Templates:
 
     def save_heatmap(self, path: str | os.PathLike) -> Path:
         """PNG heatmap: components x layers, colour = share of the layer's neurons selected."""
-        from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no GUI
-
-        share = self.coverage() / self.neurons_per_layer
-        fig = Figure(figsize=(max(4.0, 0.3 * len(self.layers) + 2), max(3.0, 0.3 * len(self.components) + 1.5)))
-        ax = fig.add_subplot()
-        im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("component")
-        step = max(1, len(self.layers) // 16)
-        ax.set_xticks(range(0, len(self.layers), step), [str(l) for l in self.layers[::step]])
-        ystep = max(1, len(self.components) // 20)
-        ax.set_yticks(range(0, len(self.components), ystep), [str(c) for c in self.component_ids[::ystep]])
-        ax.set_title(f"{self.model or self.name or 'templates'}: share of neurons per layer ({self.site})", fontsize=9)
-        fig.colorbar(im, ax=ax, label="share of layer's neurons")
-        fig.tight_layout()
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        return Path(path)
+        return _save_heatmap(self, path)
 
 
 # ---------------------------------------------------------------------- comparison
@@ -393,3 +384,24 @@ def compare(a: Templates, b: Templates) -> Comparison:
     rows, cols = linear_sum_assignment(-iou) if iou.size else (np.zeros(0, int), np.zeros(0, int))
     pairs = [(a.component_ids[i], b.component_ids[j], float(iou[i, j])) for i, j in zip(rows, cols)]
     return Comparison(iou, a.component_ids, b.component_ids, pairs, [x.size for x in ka], [y.size for y in kb])
+
+
+def _save_heatmap(t: Templates, path: str | os.PathLike) -> Path:
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no GUI
+
+    share = t.coverage() / t.neurons_per_layer
+    fig = Figure(figsize=(max(4.0, 0.3 * len(t.layers) + 2), max(3.0, 0.3 * len(t.components) + 1.5)))
+    ax = fig.add_subplot()
+    im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("component")
+    step = max(1, len(t.layers) // 16)
+    ax.set_xticks(range(0, len(t.layers), step), [str(l) for l in t.layers[::step]])
+    ystep = max(1, len(t.components) // 20)
+    ax.set_yticks(range(0, len(t.components), ystep), [str(c) for c in t.component_ids[::ystep]])
+    ax.set_title(f"{t.model or t.name or 'templates'}: share of neurons per layer ({t.site})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of layer's neurons")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
