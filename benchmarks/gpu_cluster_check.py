@@ -39,14 +39,16 @@ CONFIGS = REPO / "launch_configs"
 
 
 def worker(report: str, argv: list[str]) -> None:
-    """fnscale train, recording the peak memory of this process just before the final save."""
+    """fnscale train, recording the peak memory of this process just before the final save (train()'s `save_final` seam)."""
+    import logging
     import resource
 
     import torch
 
-    import fnscale.train as tr
-
-    save_final = tr.save_final
+    from fnscale.cli import train as train_command
+    from fnscale.config import TrainConfig
+    from fnscale.errors import FnscaleError
+    from fnscale.train import save_final, train
 
     def measured(accelerator, model, tokenizer, cfg):
         if accelerator.is_main_process:
@@ -58,10 +60,13 @@ def worker(report: str, argv: list[str]) -> None:
             Path(report).write_text(json.dumps(peak))
         return save_final(accelerator, model, tokenizer, cfg)
 
-    tr.save_final = measured
-    from fnscale.cli import main
-
-    main(argv)
+    logging.basicConfig(level=logging.INFO)
+    params = train_command.make_context("train", argv[1:]).params  # argv[0] == "train"; the CLI's own flag parsing
+    try:
+        train(TrainConfig(**{k: v for k, v in params.items() if k != "config_file"}), save_final=measured)
+    except FnscaleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 # ---------------------------------------------------------------- setup

@@ -88,10 +88,6 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _register_subcommands() -> None:
-    """Nothing left to do: the subcommands are added when this module is imported (kept for older callers)."""
-
-
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):

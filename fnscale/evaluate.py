@@ -1,8 +1,8 @@
-"""Forgetting measurement: what fine-tuning gained on the task and what it cost on retention data.
+"""The `fnscale eval` recipe: what fine-tuning gained on the task and what it cost on retention data.
 
-All losses are token means (summed NLL over scored tokens / their count), so corpora of any length
-compare, and per-rank sums add up exactly under Accelerate. `RetentionProbe` is the piece training
-uses; `run_eval` is the `fnscale eval` workflow (base model, then each fine-tuned variant).
+`run_eval` scores the base model, then each fine-tuned variant (adapter, full model, or a continual-learning
+sequence), with the token-level losses of `fnscale.scoring` plus greedy generations, and hands the
+figures to `fnscale.report`.
 """
 
 from __future__ import annotations
@@ -10,165 +10,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from fnscale import data, models
-from fnscale.config import EvalConfig
+from fnscale import data, models, report
+from fnscale.config import EvalConfig, read_yaml
 from fnscale.errors import UsageError
+from fnscale.scoring import corpus_loss, corpus_names, retention_items
 
 log = logging.getLogger(__name__)
 
-NO_LIMIT = 10**9  # a max_len that never truncates (chunking happens afterwards)
 GEN_SLACK = 8  # extra new tokens allowed beyond the reference, so a longer tokenisation is not cut short
-CL_METRICS = ("token_accuracy", "exact_match")
-
-
-# ---------------------------------------------------------------- token-level loss
-
-
-def batches(items: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [data.collate(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
-
-
-@torch.no_grad()
-def nll_sum(model, batch: dict[str, torch.Tensor], device) -> tuple[float, int]:
-    """Summed next-token NLL over labelled positions, and their count (only scored positions hit the softmax)."""
-    ids, attn, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    target = labels[:, 1:]
-    keep = target != data.IGNORE
-    if not keep.any():
-        return 0.0, 0
-    nll = torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum")
-    return float(nll.double()), int(keep.sum())
-
-
-def shard_sums(model, bs: list[dict], rank: int, world: int, device) -> tuple[float, int, int]:
-    """This rank's share (batches rank, rank+world, ...) as (NLL sum, tokens, forward calls).
-
-    Every rank makes the same number of forward calls (a short shard repeats batch 0 and discards
-    it), because under ZeRO-3 each forward gathers parameters collectively and would hang otherwise.
-    """
-    calls = math.ceil(len(bs) / world)
-    mine = bs[rank::world]
-    total, count = 0.0, 0
-    for i in range(calls):
-        if i < len(mine):
-            s, c = nll_sum(model, mine[i], device)
-            total, count = total + s, count + c
-        else:
-            nll_sum(model, bs[0], device)
-    return total, count, calls
-
-
-def loss_stats(total: float, count: int) -> dict:
-    loss = total / count if count else float("nan")
-    return {"loss": loss, "ppl": perplexity(loss), "tokens": count}
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-def corpus_loss(model, items: list[dict], batch_size: int, pad_id: int, device) -> dict:
-    """Mean NLL per scored token, its perplexity and the token count, on one process."""
-    was_training = model.training
-    model.eval()
-    total, count, _ = shard_sums(model, batches(items, batch_size, pad_id), 0, 1, device)
-    model.train(was_training)
-    return loss_stats(total, count)
-
-
-# ---------------------------------------------------------------- retention corpora
-
-
-def retention_items(tokenizer, source: str, max_len: int, max_samples: int | None = None) -> list[dict]:
-    """Every token of the corpus scored, in non-overlapping windows of max_len (long texts are chunked, not cut).
-
-    Plain text and `text` columns are read as text; SFT data is rendered as prompt + response.
-    """
-    path = data.default_retention_path() if source in ("", "default") else source
-    records = data.load_records(str(path))[: max_samples or None]
-    items = []
-    for ex in data.to_examples(records):
-        tok = data.tokenize_example(tokenizer, ex, NO_LIMIT)
-        if tok is None:
-            continue
-        ids = tok["input_ids"]
-        for start in range(0, len(ids), max_len):
-            chunk = ids[start : start + max_len]
-            if len(chunk) > 1:
-                items.append({"input_ids": chunk, "labels": list(chunk)})
-    if not items:
-        raise UsageError(f"retention data {source} has no text to score")
-    return items
-
-
-def corpus_names(sources, default_name: str = "retention") -> list[str]:
-    """Short unique names (file stems) for metric keys and tables."""
-    names = []
-    for s in sources:
-        base = default_name if s in ("", "default") else re.sub(r"[^\w.-]+", "_", Path(s).stem or s)
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names
-
-
-class RetentionProbe:
-    """Perplexity on retention corpora during training, correct under DDP and ZeRO-3.
-
-    Batches are dealt round-robin to ranks, sums are reduced, and all ranks make the same number
-    of forward calls, so every rank returns the same figures.
-    """
-
-    def __init__(self, paths: tuple[str, ...], tokenizer, max_len: int, batch_size: int):
-        if batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batches = {
-            name: batches(retention_items(tokenizer, p, max_len), batch_size, pad)
-            for name, p in zip(corpus_names(paths), paths)
-        }
-
-    def measure(self, model, accelerator=None, prefix: str = "retention") -> dict[str, float]:
-        """{prefix}_loss/<name> and {prefix}_ppl/<name> per corpus; the model's train/eval mode is restored."""
-        rank = accelerator.process_index if accelerator is not None else 0
-        world = accelerator.num_processes if accelerator is not None else 1
-        device = accelerator.device if accelerator is not None else _model_device(model)
-        was_training = model.training
-        model.eval()
-        out = {}
-        try:
-            for name, bs in self.batches.items():
-                total, count, _ = shard_sums(model, bs, rank, world, device)
-                if world > 1:
-                    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-                    total, count = accelerator.reduce(t, reduction="sum").tolist()
-                stats = loss_stats(total, int(count))
-                out[f"{prefix}_loss/{name}"] = stats["loss"]
-                out[f"{prefix}_ppl/{name}"] = stats["ppl"]
-        finally:
-            model.train(was_training)
-        return out
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-# ---------------------------------------------------------------- generation
 
 
 def split_prompt(item: dict) -> tuple[list[int], list[int]]:
@@ -233,32 +89,8 @@ def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device) 
 # ---------------------------------------------------------------- continual learning
 
 
-CL_CONVENTION = (
-    "Lopez-Paz & Ranzato (2017), GEM: R[i][j] is the score on task j after training on tasks 1..i (row i = checkpoint i, "
-    "in training order); b_j is the base model's score on task j (the paper uses a randomly initialised model; here the "
-    "pre-trained base). With T tasks: ACC = (1/T) sum_j R[T][j]; BWT = 1/(T-1) sum_{j<T} (R[T][j] - R[j][j]) "
-    "(negative = forgetting); FWT = 1/(T-1) sum_{j>1} (R[j-1][j] - b_j) (positive = earlier tasks helped a later one "
-    "before it was trained). BWT and FWT need T >= 2."
-)
-
-
-def cl_metrics(R, baseline) -> dict:
-    """ACC, BWT and FWT of a T x T score matrix R (row i: after training on task i) and base scores b (length T)."""
-    T = len(R)
-    if T == 0 or any(len(row) != T for row in R):
-        raise UsageError(f"the continual-learning matrix must be square with at least one task; got {[len(r) for r in R]} x {T}")
-    if len(baseline) != T:
-        raise UsageError(f"baseline has {len(baseline)} scores for {T} tasks")
-    acc = sum(R[T - 1][j] for j in range(T)) / T
-    bwt = sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None
-    fwt = sum(R[j - 1][j] - baseline[j] for j in range(1, T)) / (T - 1) if T > 1 else None
-    return {"ACC": acc, "BWT": bwt, "FWT": fwt, "T": T}
-
-
 def load_sequence(path: str) -> list[dict]:
     """[{task, checkpoint, name}] from YAML/JSON; relative paths resolve against the file's folder first."""
-    from fnscale.config import read_yaml
-
     p = Path(path)
     raw = read_yaml(p, "--sequence file")
     if isinstance(raw, dict):
@@ -372,11 +204,11 @@ def _training_notes(v: Variant, cfg: EvalConfig) -> list[str]:
     if cfg.task_split != "validation" or not summary.is_file():
         return []
     try:
-        tc = json.loads(summary.read_text()).get("config", {})
+        train_cfg = json.loads(summary.read_text()).get("config", {})
     except (OSError, ValueError):
         return []
-    diffs = [k for k in ("validation_split", "seed", "max_samples") if k in tc and tc[k] != getattr(cfg, k)]
-    if tc.get("validation_dataset"):
+    diffs = [k for k in ("validation_split", "seed", "max_samples") if k in train_cfg and train_cfg[k] != getattr(cfg, k)]
+    if train_cfg.get("validation_dataset"):
         diffs.append("validation_dataset")
     return [f"{v.label}: training used a different {', '.join(diffs)}; its held-out split differs from this one"] if diffs else []
 
@@ -403,7 +235,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
     }
 
 
-class _Loaded:
+class LoadedVariant:
     """Context manager yielding a variant's model; adapters go onto the shared base and come off after.
 
     PEFT's `unload()` keeps a trained copy of `modules_to_save` (e.g. lm_head) in the model, so the
@@ -464,15 +296,13 @@ def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, lis
     for name, items in retention.items():
         result["retention"][name] = corpus_loss(model, items, cfg.batch_size, pad, device)
     if cfg.lm_eval_tasks:
-        tasks_ = [x.strip() for x in cfg.lm_eval_tasks.split(",") if x.strip()]
-        result["lm_eval"] = run_lm_eval(model, tokenizer, tasks_, cfg.lm_eval_limit, cfg.batch_size, cfg.seed)
+        harness_tasks = [x.strip() for x in cfg.lm_eval_tasks.split(",") if x.strip()]
+        result["lm_eval"] = run_lm_eval(model, tokenizer, harness_tasks, cfg.lm_eval_limit, cfg.batch_size, cfg.seed)
     return result
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Score the base and every variant, then write report.json/.md, the plot and TensorBoard scalars."""
-    from fnscale import report
-
     variants, task_sources = plan(cfg)
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
@@ -497,7 +327,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         log.info("scoring %s", v.label)
         if v.path:
             v.notes.extend(_training_notes(v, cfg))
-        with _Loaded(v, base, cfg, dtype, device) as model:
+        with LoadedVariant(v, base, cfg, dtype, device) as model:
             scores = score_model(model, tokenizer, tasks, retention, cfg, device)
         results.append({"label": v.label, "kind": v.kind, "path": v.path, **scores})
 

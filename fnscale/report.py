@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fnscale.atomic import atomic_dir, atomic_path, write_json, write_text
 from fnscale.errors import UsageError
+from fnscale.scoring import CL_CONVENTION, cl_metrics
 
 PLOT = "task_vs_retention.png"
 GEN_METRICS = ("exact_match", "token_accuracy")
@@ -49,8 +50,6 @@ def deltas(base: dict, m: dict) -> dict:
 
 def continual(results: list[dict], task_names: list[str], metric: str) -> dict:
     """R (rows: checkpoints in training order; columns: tasks), the base row b, and ACC/BWT/FWT."""
-    from fnscale.evaluate import CL_CONVENTION, cl_metrics
-
     def score(r, t):
         v = r["task"][t][metric]
         if v is None:
@@ -113,7 +112,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(rep: dict) -> str:
-    models, dl = rep["models"], rep["deltas"]
+    models, model_deltas = rep["models"], rep["deltas"]
     cfg = rep["config"]
     md = [f"# Forgetting report: {rep['model']}\n"]
     md.append(f"Device {rep['device']}, {rep['dtype']}, seed {cfg['seed']}, max {cfg['max_seq_length']} tokens per sequence.\n")
@@ -127,7 +126,7 @@ def markdown(rep: dict) -> str:
     for t in rep["tasks"]:
         rows = []
         for m in models:
-            s, d = m["task"][t["name"]], dl.get(m["label"], {}).get("task", {}).get(t["name"], {})
+            s, d = m["task"][t["name"]], model_deltas.get(m["label"], {}).get("task", {}).get(t["name"], {})
             rows.append([m["label"], _f(s["loss"]), _f(d.get("loss"), signed=True) if d else "", _f(s["ppl"], "{:.2f}"),
                          _pct(s["exact_match"]), _pct(d.get("exact_match"), True) if d else "",
                          _pct(s["token_accuracy"]), _pct(d.get("token_accuracy"), True) if d else "", str(s["tokens"])])
@@ -140,15 +139,15 @@ def markdown(rep: dict) -> str:
         rows = []
         for r in rep["retention"]:
             for m in models:
-                s, d = m["retention"][r["name"]], dl.get(m["label"], {}).get("retention", {}).get(r["name"])
+                s, d = m["retention"][r["name"]], model_deltas.get(m["label"], {}).get("retention", {}).get(r["name"])
                 rows.append([m["label"], r["name"], _f(s["loss"]), _f(d["loss"], signed=True) if d else "", _f(s["ppl"], "{:.2f}"),
                              (_f(d["ppl_pct"], "{:.1f}", signed=True) + "%") if d and d["ppl_pct"] is not None else "", str(s["tokens"])])
         md.append(_table(["model", "corpus", "loss", "Δ loss", "ppl", "Δ ppl", "tokens"], rows))
 
-    if dl:
+    if model_deltas:
         md.append("\n## Gain vs cost\n")
         md.append(_table(["model", "task gain (nats/token)", "retention cost (nats/token)"],
-                         [[k, _f(v["summary"]["task_gain"], signed=True), _f(v["summary"]["retention_cost"], signed=True)] for k, v in dl.items()]))
+                         [[k, _f(v["summary"]["task_gain"], signed=True), _f(v["summary"]["retention_cost"], signed=True)] for k, v in model_deltas.items()]))
         md.append(f"\n![task gain vs retention cost]({PLOT})\n")
 
     if any("lm_eval" in m for m in models):

@@ -1,6 +1,6 @@
 """Multi-process test helpers: `accelerate launch` subprocesses on CPU (gloo), free ports, uniform data.
 
-Run as a script (`accelerate launch ... tests/helpers_dist.py train ...`) it is `fnscale` with a probe:
+Run as a script (`accelerate launch ... tests/helpers_dist.py train ...`) it is `fnscale train` with a probe:
 each rank writes `$FNSCALE_TEST_TRACE/rank<R>.json` with what it trained on (the non-padding token rows
 of every training forward), its distributed type, and a hash of its parameters at the end, so a test can
 check sharding and that the ranks stayed identical.
@@ -121,15 +121,27 @@ def read_traces(trace_dir: Path) -> dict[int, dict]:
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(trace_dir.glob("rank*.json"))}
 
 
+def train_config(argv: list[str]):
+    """`fnscale train` flags (argv[0] == "train") as a TrainConfig, parsed by the CLI's own Click command."""
+    from fnscale.cli import train as train_command
+    from fnscale.config import TrainConfig
+
+    assert argv[0] == "train", argv
+    params = train_command.make_context("train", list(argv[1:])).params
+    return TrainConfig(**{k: v for k, v in params.items() if k != "config_file"})
+
+
 def _probe_main() -> None:
+    """`fnscale train` through `train()`'s seams: `build_model` records the training rows, `save_final` the weights' hash."""
     import hashlib
+    import logging
 
-    import fnscale.train as tr
+    from fnscale.train import build_model, save_final, train
 
+    logging.basicConfig(level=logging.INFO)
     trace = Path(os.environ["FNSCALE_TEST_TRACE"])
     trace.mkdir(parents=True, exist_ok=True)
     seen: list[list[int]] = []
-    build_model, save_final = tr.build_model, tr.save_final
 
     def probed_build(cfg, accelerator):
         source, tokenizer, model = build_model(cfg, accelerator)
@@ -153,10 +165,7 @@ def _probe_main() -> None:
         }))
         return save_final(accelerator, model, tokenizer, cfg)
 
-    tr.build_model, tr.save_final = probed_build, probed_save
-    from fnscale.cli import main
-
-    main(sys.argv[1:])
+    train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,9 @@ def test_every_config_field_is_an_option_with_its_default(cls, command):
 
 def test_shared_names_agree_with_the_modules_that_use_them():
     """config.py holds the torch-free copies the CLI offers as choices; they must match what the code accepts."""
-    from fnscale import config, data, evaluate, masking
+    from fnscale import config, data, masking
     from fnscale.networks import pca, templates
 
     assert config.SCHEMAS == data.SCHEMAS
     assert config.SITES == masking.SITES == templates.SITES
-    assert config.CL_METRICS == evaluate.CL_METRICS
     assert pca.BACKENDS == config.PCA_BACKENDS

@@ -146,7 +146,6 @@ def test_ddp_ranks_shard_data_stay_in_sync_and_write_once(ddp_full, data16):
     assert (out / "final" / "model.safetensors").is_file() and (out / "summary.json").is_file()
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))  # scalars, plus hparams in a subfolder
     assert events and len({p.name.split(".")[-2] for p in events}) == 1, events  # all from one process (name ends .<pid>.<n>)
-    assert ddp_full.log.count("run summary") == 1
 
 
 @pytest.mark.slow
@@ -279,6 +278,7 @@ def test_signal_checkpoints_exits_cleanly_and_auto_resume_continues(tiny_llama, 
     stop_step = checkpoints.read_state(ckpts[0])["step"]
     assert stop_step >= 3 and f"stopped by signal at step {stop_step}" in first_log
     assert first_log.count("received signal SIGTERM") == 2
+    assert first_log.count("run summary") == 1  # the CLI prints it on the main process only
     assert not (out / "final").exists()
 
     # 2) Rerun with --resume-from-checkpoint auto, then SIGUSR1 to the launcher process.

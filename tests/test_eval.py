@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnscale import data, evaluate
+from fnscale import data, evaluate, scoring
 from fnscale.errors import UsageError
-from fnscale.evaluate import EvalConfig, RetentionProbe, cl_metrics, run_eval
+from fnscale.evaluate import EvalConfig, run_eval
+from fnscale.scoring import RetentionProbe, cl_metrics
 
 RETENTION = "the sun rises in the east and sets in the west .\n\nwater boils at one hundred degrees .\n\nparis is the capital of france . berlin is the capital of germany .\n"
 
@@ -172,12 +173,12 @@ def test_training_lowers_task_loss_and_deltas_say_so(report):
 def test_adapter_is_unloaded_leaving_the_base_untouched(tiny_llama, adapter, sft_file):
     base, tok = _load(tiny_llama)
     items = _items(tok, sft_file)
-    before = evaluate.corpus_loss(base, items, 4, tok.pad_token_id, "cpu")["loss"]
+    before = scoring.corpus_loss(base, items, 4, tok.pad_token_id, "cpu")["loss"]
     v = evaluate.Variant("a", "adapter", adapter)
-    with evaluate._Loaded(v, base, EvalConfig(), torch.float32, "cpu") as model:
-        assert evaluate.corpus_loss(model, items, 4, tok.pad_token_id, "cpu")["loss"] < before - 1.0
+    with evaluate.LoadedVariant(v, base, EvalConfig(), torch.float32, "cpu") as model:
+        assert scoring.corpus_loss(model, items, 4, tok.pad_token_id, "cpu")["loss"] < before - 1.0
     assert type(base.lm_head).__name__ == "Linear" and not any("lora" in n for n, _ in base.named_modules())
-    assert evaluate.corpus_loss(base, items, 4, tok.pad_token_id, "cpu")["loss"] == before
+    assert scoring.corpus_loss(base, items, 4, tok.pad_token_id, "cpu")["loss"] == before
 
 
 def test_report_files_are_written(report, adapter):
@@ -307,10 +308,10 @@ def test_retention_reads_text_columns_and_sft_data_scoring_every_token(tiny_toke
     tok = tiny_tokenizer
     text = " ".join(["the sun rises in the east"] * 5)  # 30 words -> 31 tokens with EOS
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    windows = evaluate.retention_items(tok, str(tmp_path / "t.jsonl"), max_len=8)
+    windows = scoring.retention_items(tok, str(tmp_path / "t.jsonl"), max_len=8)
     assert [len(w["input_ids"]) for w in windows] == [8, 8, 8, 7]  # chunked, nothing dropped
     assert [t for w in windows for t in w["input_ids"]] == tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    sft = evaluate.retention_items(tok, sft_file, max_len=512)
+    sft = scoring.retention_items(tok, sft_file, max_len=512)
     task = _items(tok, sft_file)
     assert len(sft) == len(task) and all(w["labels"] == w["input_ids"] for w in sft)
     assert [w["input_ids"] for w in sft] == [t["input_ids"] for t in task]  # prompt + response, all scored
@@ -324,12 +325,12 @@ class _ForwardCounter:
 
 def test_probe_shards_add_up_with_equal_forward_calls(tiny_llama, retention_txt):
     model, tok = _load(tiny_llama)
-    items = evaluate.retention_items(tok, retention_txt, max_len=5)  # 8 windows of <= 5 tokens
-    bs = evaluate.batches(items, 3, tok.pad_token_id)
+    items = scoring.retention_items(tok, retention_txt, max_len=5)  # 8 windows of <= 5 tokens
+    bs = scoring.batches(items, 3, tok.pad_token_id)
     assert len(bs) == 3  # an odd count: rank 1 needs a padding forward
-    whole = evaluate.shard_sums(model, bs, 0, 1, "cpu")
+    whole = scoring.shard_sums(model, bs, 0, 1, "cpu")
     counter = _ForwardCounter(model)
-    parts = [evaluate.shard_sums(model, bs, r, 2, "cpu") for r in (0, 1)]
+    parts = [scoring.shard_sums(model, bs, r, 2, "cpu") for r in (0, 1)]
     assert sum(p[0] for p in parts) == pytest.approx(whole[0], rel=1e-6)
     assert sum(p[1] for p in parts) == whole[1]
     assert parts[0][2] == parts[1][2] == math.ceil(len(bs) / 2) and counter.calls == 2 * parts[0][2]
@@ -343,7 +344,7 @@ def test_probe_measure_keys_values_and_mode(tiny_llama, retention_txt):
     probe = RetentionProbe((retention_txt, "default"), tok, 64, 2)
     got = probe.measure(model, Accelerator(cpu=True), prefix="retention_before")
     assert set(got) == {"retention_before_loss/general", "retention_before_ppl/general", "retention_before_loss/retention", "retention_before_ppl/retention"}
-    direct = evaluate.corpus_loss(model, evaluate.retention_items(tok, retention_txt, 64), 1, tok.pad_token_id, "cpu")
+    direct = scoring.corpus_loss(model, scoring.retention_items(tok, retention_txt, 64), 1, tok.pad_token_id, "cpu")
     assert got["retention_before_loss/general"] == pytest.approx(direct["loss"], rel=1e-6)
     assert got["retention_before_ppl/general"] == pytest.approx(math.exp(direct["loss"]), rel=1e-6)
     assert model.training  # restored
@@ -359,7 +360,7 @@ def test_train_logs_retention_before_and_after(tiny_llama, sft_file, retention_t
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before = next(r for r in records if "retention_before_ppl/general" in r)
     model, tok = _load(tiny_llama)
-    direct = evaluate.corpus_loss(model, evaluate.retention_items(tok, retention_txt, 64), 1, tok.pad_token_id, "cpu")
+    direct = scoring.corpus_loss(model, scoring.retention_items(tok, retention_txt, 64), 1, tok.pad_token_id, "cpu")
     assert before["retention_before_loss/general"] == pytest.approx(direct["loss"], rel=1e-5)  # LoRA starts as the base
     assert math.isfinite(summary["retention_after_ppl/general"])
 
@@ -381,8 +382,8 @@ def test_probe_in_training_under_two_processes(launch_config, tiny_llama, sft_fi
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before = next(r for r in records if "retention_before_loss/general" in r)
     model, tok = _load(tiny_llama)
-    items = evaluate.retention_items(tok, retention_txt, 64)
+    items = scoring.retention_items(tok, retention_txt, 64)
     assert len(items) == 3
-    direct = evaluate.corpus_loss(model, items, 1, tok.pad_token_id, "cpu")
+    direct = scoring.corpus_loss(model, items, 1, tok.pad_token_id, "cpu")
     assert before["retention_before_loss/general"] == pytest.approx(direct["loss"], rel=1e-6)
     assert any("retention_after_loss/general" in r for r in records)

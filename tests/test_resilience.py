@@ -16,12 +16,11 @@ from fnscale.errors import RunError
 from fnscale.metrics import read_metrics
 
 
-def _poison(monkeypatch, bad_calls):
-    """Make the embedding output NaN on the given forward calls (1-based), to fake a non-finite loss."""
-    real = train_mod.build_model
+def _poisoned(bad_calls):
+    """A `build_model` for `train()` whose embedding output is NaN on the given forward calls (1-based): a non-finite loss."""
 
     def build(cfg, accelerator):
-        source, tok, model = real(cfg, accelerator)
+        source, tok, model = train_mod.build_model(cfg, accelerator)
         calls = {"n": 0}
 
         def hook(module, args, output):
@@ -31,7 +30,7 @@ def _poison(monkeypatch, bad_calls):
         model.get_input_embeddings().register_forward_hook(hook)
         return source, tok, model
 
-    monkeypatch.setattr(train_mod, "build_model", build)
+    return build
 
 
 def cfg(model, data, out, **kw):
@@ -40,9 +39,8 @@ def cfg(model, data, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_nonfinite_steps_are_skipped(tiny_llama, sft_file, tmp_path, monkeypatch, caplog):
-    _poison(monkeypatch, lambda n: {2, 3})
-    summary = train_mod.train(cfg(tiny_llama, sft_file, tmp_path))
+def test_nonfinite_steps_are_skipped(tiny_llama, sft_file, tmp_path, caplog):
+    summary = train_mod.train(cfg(tiny_llama, sft_file, tmp_path), build_model=_poisoned(lambda n: {2, 3}))
     assert summary["steps"] == 5
     assert caplog.text.count("non-finite loss or gradient") == 2
     weights = load_file(tmp_path / "final" / "model.safetensors")
@@ -51,10 +49,10 @@ def test_nonfinite_steps_are_skipped(tiny_llama, sft_file, tmp_path, monkeypatch
     assert len(losses) == 5 and all(l is not None for l in losses)
 
 
-def test_too_many_bad_steps_stop_without_saving_nan(tiny_llama, sft_file, tmp_path, monkeypatch):
-    _poison(monkeypatch, lambda n: {n} if n > 2 else set())
+def test_too_many_bad_steps_stop_without_saving_nan(tiny_llama, sft_file, tmp_path):
     with pytest.raises(RunError, match="3 non-finite steps in a row"):
-        train_mod.train(cfg(tiny_llama, sft_file, tmp_path, max_steps=20, max_bad_steps=3, save_steps=1))
+        train_mod.train(cfg(tiny_llama, sft_file, tmp_path, max_steps=20, max_bad_steps=3, save_steps=1),
+                        build_model=_poisoned(lambda n: {n} if n > 2 else set()))
     assert not (tmp_path / "final").exists()
     for ckpt in tmp_path.glob("checkpoint-*"):
         for f in ckpt.glob("*.safetensors"):

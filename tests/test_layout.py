@@ -1,0 +1,126 @@
+"""Layout rules, checked on the source with `ast`: no import cycles inside fnscale, no function over 80 lines,
+no class over 300 (fnscale/ and kernels/, which installs as fnscale.kernels)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROOTS = {"fnscale": REPO / "fnscale", "fnscale.kernels": REPO / "kernels"}
+MAX_FUNCTION_LINES, MAX_CLASS_LINES = 80, 300
+
+
+def source_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the package (a package is named by its __init__.py)."""
+    modules = {}
+    for prefix, root in ROOTS.items():
+        for path in sorted(root.rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The fnscale modules that `name` imports anywhere in its file (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return {m for m in found if m in known and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = source_modules()
+    return {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def oversized() -> list[str]:
+    """`file:line kind name (N lines)` for every function over 80 lines and class over 300."""
+    out = []
+    for path in source_modules().values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                    out.append(f"{path.relative_to(REPO)}:{node.lineno} {kind} {node.name} ({lines} lines)")
+    return out
+
+
+# ---------------------------------------------------------------- the checkers find what they should
+
+
+def test_cycle_finder_sees_direct_and_indirect_cycles():
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}, "g": set()}
+    assert cycles(graph) == [["a", "b"], ["c", "d", "e"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_import_graph_resolves_absolute_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "fnscale.scoring" in graph["fnscale.train"]  # `from fnscale.scoring import ...`
+    assert "fnscale.data" in graph["fnscale.scoring"]  # `from fnscale import data`
+    assert {"fnscale.kernels", "fnscale.networks"} <= set(graph)
+
+
+# ---------------------------------------------------------------- the rules
+
+
+def test_no_import_cycles_inside_fnscale():
+    assert cycles(import_graph()) == []
+
+
+def test_recipes_do_not_import_each_other_and_core_does_not_import_recipes():
+    """Imports go one way: CLI -> recipes (train, templates build, eval) -> core. Training's loss and retention
+    helpers live in fnscale.scoring, not in the eval recipe; the report does not import the eval recipe."""
+    graph = import_graph()
+    assert "fnscale.evaluate" not in graph["fnscale.train"]
+    assert "fnscale.evaluate" not in graph["fnscale.report"]
+    assert "fnscale.evaluate" not in graph["fnscale.scoring"] and "fnscale.train" not in graph["fnscale.scoring"]
+
+
+def test_no_function_over_80_lines_or_class_over_300():
+    assert oversized() == []
