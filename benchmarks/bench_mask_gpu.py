@@ -61,6 +61,23 @@ def saved_bytes(fn, device: str) -> int:
     return kept
 
 
+def time_activation_ops(args, n, width, mask, device, dtype, fused_op) -> dict[str, float]:
+    """The activation op alone: eager silu*up, eager with the mask multiply (the hook's cost), fused Triton."""
+    gate = torch.randn(n, width, device=device, dtype=dtype, requires_grad=True)
+    up = torch.randn(n, width, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, width, device=device, dtype=dtype)
+
+    def reset_op():
+        gate.grad = up.grad = None
+
+    ops = {
+        "eager silu*up (unmasked)": lambda: (F.silu(gate) * up).backward(dy),
+        "eager silu*up*mask (hook)": lambda: (F.silu(gate) * up * mask).backward(dy),
+        "fused Triton": lambda: fused_op(gate, up, mask, "silu").backward(dy),
+    }
+    return {name: timer(fn, args.iters, args.warmup, device, reset_op) for name, fn in ops.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -94,21 +111,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}; tokens {n}, hidden {h}, "
           f"intermediate {width}, {dtype}, {len(masked)} neurons masked ({args.lesion:.0%}); median of {args.iters}")
 
-    # Activation op alone.
-    gate = torch.randn(n, width, device=device, dtype=dtype, requires_grad=True)
-    up = torch.randn(n, width, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn(n, width, device=device, dtype=dtype)
-
-    def reset_op():
-        gate.grad = up.grad = None
-
-    ops = {
-        "eager silu*up (unmasked)": lambda: (F.silu(gate) * up).backward(dy),
-        "eager silu*up*mask (hook)": lambda: (F.silu(gate) * up * mask).backward(dy),
-        "fused Triton": lambda: triton_gated_act_mul_mask(gate, up, mask, "silu").backward(dy),
-    }
-    op_ms = {name: timer(fn, args.iters, args.warmup, device, reset_op) for name, fn in ops.items()}
-    del gate, up, dy
+    op_ms = time_activation_ops(args, n, width, mask, device, dtype, triton_gated_act_mul_mask)
 
     # Whole MLP through apply_masks.
     config = LlamaConfig(hidden_size=h, intermediate_size=width, num_hidden_layers=1, num_attention_heads=max(1, h // 64),

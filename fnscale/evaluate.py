@@ -135,7 +135,8 @@ def checkpoint_kind(path: str, expected: str | None = None) -> str:
     elif (p / "config.json").is_file():
         kind = "finetuned"
     elif expected:
-        raise UsageError(f"--{expected} {path} is not a {'PEFT adapter folder (no adapter_config.json)' if expected == 'adapter' else 'model folder (no config.json)'}; pass the folder the run saved, e.g. RUN/final")
+        what = "PEFT adapter folder (no adapter_config.json)" if expected == "adapter" else "model folder (no config.json)"
+        raise UsageError(f"--{expected} {path} is not a {what}; pass the folder the run saved, e.g. RUN/final")
     else:
         raise UsageError(f"{path} is neither a PEFT adapter (adapter_config.json) nor a model folder (config.json)")
     if expected == "adapter" and kind != "adapter":
@@ -225,10 +226,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_siz
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers are injected in place
     try:
         lm = HFLM(pretrained=inner, tokenizer=tokenizer, batch_size=batch_size)
-        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+        seeds = {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed, "fewshot_random_seed": seed}
+        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, **seeds)
     except Exception as err:  # the harness raises many kinds; the user needs the first line
         msg = (str(err).splitlines() or [""])[0][:200]
-        raise UsageError(f"lm-eval tasks {','.join(tasks)} could not run ({type(err).__name__}: {msg}); check the task names and that their data can be downloaded") from err
+        raise UsageError(
+            f"lm-eval tasks {','.join(tasks)} could not run ({type(err).__name__}: {msg}); check the task names and that their data can be downloaded"
+        ) from err
     return {
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for task, metrics in (out or {}).get("results", {}).items()
@@ -291,7 +295,8 @@ def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, lis
     for t in tasks:
         torch.manual_seed(cfg.seed)
         scores = corpus_loss(model, t.items, cfg.batch_size, pad, device)
-        scores.update(greedy_scores(model, tokenizer, t.gen_items, cfg.batch_size, device) if t.gen_items else {"exact_match": None, "token_accuracy": None, "generated": 0, "samples": []})
+        no_generations = {"exact_match": None, "token_accuracy": None, "generated": 0, "samples": []}
+        scores.update(greedy_scores(model, tokenizer, t.gen_items, cfg.batch_size, device) if t.gen_items else no_generations)
         result["task"][t.name] = scores
     for name, items in retention.items():
         result["retention"][name] = corpus_loss(model, items, cfg.batch_size, pad, device)

@@ -144,7 +144,9 @@ def resolve_model(name_or_path: str | None, gguf_file: str | None = None) -> Mod
         return ModelSource(str(convert_gguf(Path(gpath))), Path(gguf_file).stem)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise UsageError(f"--model {name_or_path} is not a model folder (no config.json); pass a folder saved with save_pretrained, a .gguf file or a hub id")
+            raise UsageError(
+                f"--model {name_or_path} is not a model folder (no config.json); pass a folder saved with save_pretrained, a .gguf file or a hub id"
+            )
         if not os.access(path / "config.json", os.R_OK):
             raise UsageError(f"--model {name_or_path} is not readable; check its permissions")
         return ModelSource(str(path), path.name)
@@ -186,7 +188,9 @@ def hf_token() -> str | None:
 
 def _hub_error(name: str, err: Exception) -> UsageError:
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return UsageError(f"cannot load model {name!r}: it is not a local folder and the hub is unreachable or it does not exist ({msg[:160]}); pass a local folder or .gguf file")
+    return UsageError(
+        f"cannot load model {name!r}: it is not a local folder and the hub is unreachable or it does not exist ({msg[:160]}); pass a local folder or .gguf file"
+    )
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):

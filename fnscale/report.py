@@ -60,7 +60,8 @@ def continual(results: list[dict], task_names: list[str], metric: str) -> dict:
     b = [score(results[0], t) for t in task_names]
     if len(R) != len(task_names):
         raise UsageError(f"the sequence has {len(R)} checkpoints for {len(task_names)} tasks; give one checkpoint per task")
-    return {"metric": metric, "tasks": task_names, "rows": [r["label"] for r in results[1:]], "R": R, "baseline": b, **cl_metrics(R, b), "convention": CL_CONVENTION}
+    rows = [r["label"] for r in results[1:]]
+    return {"metric": metric, "tasks": task_names, "rows": rows, "R": R, "baseline": b, **cl_metrics(R, b), "convention": CL_CONVENTION}
 
 
 def build(meta: dict, results: list[dict], cl_metric: str | None = None) -> dict:
@@ -159,7 +160,8 @@ def markdown(rep: dict) -> str:
         c = rep["continual"]
         md.append(f"\n## Continual learning ({c['metric']})\n")
         head = ["after training on", *c["tasks"]]
-        rows = [["base (b)", *[_f(x) for x in c["baseline"]]]] + [[f"{i + 1}. {lab}", *[_f(x) for x in row]] for i, (lab, row) in enumerate(zip(c["rows"], c["R"]))]
+        rows = [["base (b)", *[_f(x) for x in c["baseline"]]]]
+        rows += [[f"{i + 1}. {lab}", *[_f(x) for x in row]] for i, (lab, row) in enumerate(zip(c["rows"], c["R"]))]
         md.append(_table(head, rows))
         md.append(f"\nACC = {_f(c['ACC'])}, BWT = {_f(c['BWT'], signed=True)}, FWT = {_f(c['FWT'], signed=True)} (T = {c['T']}).\n")
         md.append(f"\n{c['convention']}\n")

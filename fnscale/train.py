@@ -196,7 +196,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
 
     # The loop: optimizer steps until total_steps, or until SIGTERM/SIGUSR1 (which checkpoints first).
     start = time.time()
-    with StopRequested() as stop, tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True) as bar:
+    show = accelerator.is_local_main_process
+    with StopRequested() as stop, tqdm(total=total_steps, initial=progress.step, disable=not show, desc="train", dynamic_ncols=True) as bar:
         trainer.run(progress, stop, bar)
 
     # Finish: one exit path. A run stopped by a signal has its checkpoint and skips the final evaluation and save.
@@ -321,7 +322,8 @@ def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
 class Trainer:
     """The prepared objects of one run and what happens to them: optimizer steps, logging, evaluation, checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, metrics: MetricsLog | None, total_steps: int):
+    def __init__(self, cfg: TrainConfig, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker,
+                 metrics: MetricsLog | None, total_steps: int):
         self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
         self.train_loader, self.val_loader, self.masker, self.metrics, self.total_steps = train_loader, val_loader, masker, metrics, total_steps
         self.window = LogWindow()  # reopened when the loop starts
@@ -384,7 +386,9 @@ class Trainer:
         progress.bad_in_row += 1
         log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", progress.step + 1, progress.bad_in_row)
         if progress.bad_in_row >= self.cfg.max_bad_steps:
-            raise RunError(f"{progress.bad_in_row} non-finite steps in a row; lower --learning-rate or use --dtype float32/bfloat16 (last good checkpoint kept)")
+            raise RunError(
+                f"{progress.bad_in_row} non-finite steps in a row; lower --learning-rate or use --dtype float32/bfloat16 (last good checkpoint kept)"
+            )
 
     def _after_step(self, progress: Progress, grad_norm: float | None, stop: StopRequested, bar) -> bool:
         """Log, evaluate and checkpoint as scheduled after a good optimizer step; True when the run should end."""

@@ -16,7 +16,7 @@ before importing it to run the kernels on CPU tensors (slow; for tests).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton

@@ -70,7 +70,7 @@ def compare(got: dict, want: dict, dtype: str, label: str) -> None:
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == want[name].dtype, f"{label} {name}"
-        torch.testing.assert_close(got[name].cpu(), want[name].cpu(), **TOL[dtype], msg=lambda m: f"{label}: {name}\n{m}")
+        torch.testing.assert_close(got[name].cpu(), want[name].cpu(), **TOL[dtype], msg=lambda m, name=name: f"{label}: {name}\n{m}")
 
 
 # -- CPU: interpreted in a child process ----------------------------------------------------------

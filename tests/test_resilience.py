@@ -63,9 +63,11 @@ def test_too_many_bad_steps_stop_without_saving_nan(tiny_llama, sft_file, tmp_pa
 def test_kill9_then_resume_reaches_the_same_end(tiny_llama, sft_file, tmp_path):
     """A SIGKILL mid-run leaves the last complete checkpoint; `--resume-from-checkpoint auto` finishes the job
     with the same data order, so the final weights equal an uninterrupted run's."""
-    args = lambda out: [sys.executable, "-m", "fnscale", "train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(out),
-                        "--max-steps", "400", "--save-steps", "20", "--save-total-limit", "2", "--no-lora", "--report-to", "none",
-                        "--validation-split", "0", "--max-seq-length", "64", "--batch-size", "2", "--seed", "5"]
+    def args(out):
+        return [sys.executable, "-m", "fnscale", "train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(out),
+                "--max-steps", "400", "--save-steps", "20", "--save-total-limit", "2", "--no-lora", "--report-to", "none",
+                "--validation-split", "0", "--max-seq-length", "64", "--batch-size", "2", "--seed", "5"]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     ref = subprocess.run(args(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]

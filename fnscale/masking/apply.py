@@ -9,7 +9,7 @@ masked neurons neither contribute nor receive gradient. Three interchangeable pa
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,7 @@ class MaskHandle:
     def stats(self) -> dict[int, int]:
         return {layer: int((m == 0).sum()) for layer, m in sorted(self.masks.items())}
 
-    def __enter__(self) -> "MaskHandle":
+    def __enter__(self) -> MaskHandle:
         return self
 
     def __exit__(self, *exc) -> None:

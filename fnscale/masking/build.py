@@ -6,7 +6,7 @@ A mask is a float vector per decoder layer, 1 = keep, spanning the MLP's interme
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch

@@ -7,8 +7,8 @@ LoRA's down-projection A has columns for masked inputs that would leak once merg
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import nn
