@@ -1,4 +1,4 @@
-"""The `fnscale` command line: train, templates, eval, doctor.
+"""The `fnscale` command line: train, templates, eval, data, doctor.
 
 User mistakes raise `FnscaleError`; `main` turns them into one line on stderr and an exit code,
 with a traceback only under --debug.
@@ -137,8 +137,9 @@ def _is_main() -> bool:
 
 def _register_subcommands() -> None:
     """Commands that live in their own modules (imports stay light until a command runs)."""
-    from fnscale import cli_eval, cli_templates
+    from fnscale import cli_data, cli_eval, cli_templates
 
+    cli_data.register(cli)
     cli_templates.register(templates)
     cli_eval.register(eval_group, cli)
 

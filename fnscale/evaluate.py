@@ -39,12 +39,12 @@ class EvalConfig:
     finetuned: tuple[str, ...] = opt((), "full fine-tuned model folder (same tokenizer as the base); default: none")
     sequence: str | None = opt(None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none")
     # task data
-    task: str | None = opt(None, "task data (.json/.jsonl/.csv/.parquet or hub dataset); default: the bundled sample data")
+    task: str | None = opt(None, "task data: file, folder or glob (.json/.jsonl/.csv/.parquet, .gz too) or hub NAME[:CONFIG[:SPLIT]]; default: the bundled sample data")
     task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
     validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)")
     schema: str = opt("auto", "column schema of the task data", list(data.SCHEMAS))
     template: str = opt("auto", "prompt format (as in training)", ["auto", "chat", "plain"])
-    prompt_column: str | None = opt(None, "custom prompt column (with --response-column); default: from --schema")
+    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined (with --response-column); default: from --schema")
     response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
     max_samples: int | None = opt(None, "use only the first N records of each data file; default: all")
     # retention
@@ -207,9 +207,10 @@ def _model_device(model) -> torch.device:
 
 
 def split_prompt(item: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, reference response ids incl. EOS) from a tokenised SFT item; empty prompt for text data."""
+    """(prompt ids, reference response ids incl. EOS) from a tokenised SFT item: the reference is the last
+    assistant turn (earlier turns are prompt); empty prompt for text data."""
     labels = item["labels"]
-    start = next((i for i, l in enumerate(labels) if l != data.IGNORE), len(labels))
+    start = max((i + 1 for i, l in enumerate(labels) if l == data.IGNORE), default=0)
     return item["input_ids"][:start], item["input_ids"][start:]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from fnscale import checkpoints, data, models
+from fnscale import checkpoints, data, models, trackers
 from fnscale.atomic import atomic_dir, write_json
 from fnscale.config import TrainConfig
 from fnscale.distributed import check_quantized_launch, make_accelerator, zero3_init_disabled, zero_stage
@@ -180,7 +180,7 @@ def train(cfg: TrainConfig) -> dict:
     for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
         data.check_source(source)
     out = Path(cfg.output_dir)
-    log_with = None if cfg.report_to == "none" else cfg.report_to
+    log_with = trackers.log_with(cfg.report_to, out)
     accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm)
     _check_writable(out, accelerator)
     from accelerate.utils import set_seed
@@ -189,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
     source, tokenizer, model = build_model(cfg, accelerator)
     sft = data.build_sft_data(
         tokenizer, cfg.dataset or data.DEFAULT_DATASET, cfg.max_seq_length, cfg.schema, cfg.template, cfg.validation_split,
-        cfg.seed, cfg.validation_dataset, cfg.prompt_column, cfg.response_column, cfg.max_samples,
+        cfg.seed, cfg.validation_dataset, cfg.prompt_column, cfg.response_column, cfg.max_samples, train_on_inputs=cfg.train_on_inputs,
     )
 
     masker = None
@@ -241,7 +241,8 @@ def train(cfg: TrainConfig) -> dict:
 
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if cfg.resume_from_checkpoint else None) if accelerator.is_main_process else None
     if log_with:
-        accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
+        accelerator.init_trackers(trackers.PROJECT, config=_tracker_config(cfg))
+    _log(accelerator, metrics, {"step": step, "examples": sft.counts})
     if retention_before is not None:
         _log(accelerator, metrics, {"step": step, **retention_before})
     if masker is not None:
@@ -327,7 +328,8 @@ def train(cfg: TrainConfig) -> dict:
             epoch, batches_done = epoch + 1, 0
     bar.close()
 
-    summary = {"steps": step, "total_steps": total_steps, "final_loss": last_loss, "model": source.display_name, "output_dir": str(out)}
+    summary = {"steps": step, "total_steps": total_steps, "final_loss": last_loss, "model": source.display_name, "output_dir": str(out),
+               "examples": sft.counts}
     if stopped_by_signal:
         summary["stopped"] = "signal"
         accelerator.print(f"stopped by signal at step {step}; checkpoint saved, resume with --resume-from-checkpoint auto")
@@ -384,7 +386,7 @@ def _check_writable(out: Path, accelerator) -> None:
 
 def _tracker_config(cfg: TrainConfig) -> dict:
     """Hyper-parameters for TensorBoard and summary.json (no secrets live in the config)."""
-    return {k: (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if v is not None}
+    return {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if v is not None}
 
 
 def _log(accelerator, metrics: MetricsLog | None, record: dict) -> None:
