@@ -304,3 +304,16 @@ def test_report_to_several_trackers(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n in ("wandb", "mlflow") else real(n, *a))
     with_ = trackers.log_with("tensorboard, wandb,mlflow", tmp_path)
     assert type(with_[0]).__name__ == "TensorBoardTracker" and with_[1:] == ["wandb", "mlflow"]
+
+
+def test_train_with_a_replay_mix_reports_examples_per_dataset(tiny_llama, sft_file, tmp_path):
+    from fnscale.config import TrainConfig
+    from fnscale.metrics import read_metrics
+    from fnscale.train import train
+
+    _, old = _pair(tmp_path)
+    cfg = TrainConfig(model=tiny_llama, dataset=(sft_file, f"{old}:0.5"), output_dir=str(tmp_path / "out"), max_seq_length=64,
+                      validation_split=0.0, max_steps=2, eval_steps=0, save_steps=0, report_to="none", train_on_inputs=True)
+    summary = train(cfg)
+    assert summary["examples"] == {sft_file: 16, old: 10}
+    assert {"step": 0, "examples": {sft_file: 16, old: 10}} in read_metrics(tmp_path / "out" / "metrics.jsonl")

@@ -277,8 +277,9 @@ def _read_hub(spec: DatasetSpec):
     try:
         return datasets.load_dataset(spec.path, spec.config, split=spec.split)
     except Exception as err:
-        where = f"{spec.path}" + (f" (config {spec.config})" if spec.config else "") + f", split {spec.split!r}"
         if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise UsageError(f"cannot load dataset {spec.path!r}: it is not a local file and not in the datasets cache, and the hub is offline (HF_HUB_OFFLINE=1); download it once online or pass a local .json/.jsonl/.csv/.parquet file") from err
+            raise UsageError(f"cannot load dataset {spec.path!r}: not a local file, not in the datasets cache, and the hub is offline "
+                             "(HF_HUB_OFFLINE=1); download it once online or pass a local .json/.jsonl/.csv/.parquet file") from err
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UsageError(f"cannot load dataset {spec.path!r} ({where}): {msg[:200]}; check the name, config and split (NAME:CONFIG:SPLIT), or pass a local file") from err
+        where = spec.path + (f" (config {spec.config})" if spec.config else "") + f", split {spec.split!r}"
+        raise UsageError(f"cannot load dataset {spec.path!r} ({where}): {msg[:200]}; check NAME:CONFIG:SPLIT, or pass a local file") from err
