@@ -115,14 +115,14 @@ def truncate(item: dict, max_len: int) -> dict | None:
         ids, labels = ids[:max_len], labels[:max_len]
         return {"input_ids": ids, "labels": labels} if len(ids) > 1 else None
     if len(ids) > max_len:
-        p, r = len(ids[:cut]), len(ids) - cut
+        p, r = cut, len(ids) - cut
         r_keep = min(r, max_len - min(p, max_len // 2))
         start = cut - (max_len - r_keep)
         ids, labels = ids[start : cut + r_keep], labels[start : cut + r_keep]
         cut -= start
-    if cut <= 0 or all(label == IGNORE for label in labels):
+    if cut <= 0 or not labels or labels[-1] == IGNORE:  # an item always ends inside its last (trained) response
         return None
-    return {"input_ids": list(ids), "labels": list(labels)}
+    return {"input_ids": ids, "labels": labels}
 
 
 def tokenize_example(tokenizer, ex: Example, max_len: int, template: str = "auto", train_on_inputs: bool = False) -> dict | None:
