@@ -1,4 +1,4 @@
-"""The `fnscale` command line: train, templates, eval, doctor.
+"""The `fnscale` command line: train, templates, eval, data, doctor.
 
 User mistakes raise `FnscaleError`; `main` turns them into one line on stderr and an exit code,
 with a traceback only under --debug.
@@ -11,7 +11,7 @@ import os
 
 import click
 
-from fnscale import cli_eval, cli_templates
+from fnscale import cli_data, cli_eval, cli_templates
 from fnscale.cli_options import CONTEXT, config_option, load_config, options_from
 from fnscale.config import TrainConfig
 from fnscale.errors import FnscaleError
@@ -82,6 +82,7 @@ def doctor():
 
 cli.add_command(cli_templates.templates)
 cli.add_command(cli_eval.eval_cmd)
+cli.add_command(cli_data.data_group)
 
 
 def _is_main() -> bool:

@@ -26,11 +26,14 @@ def _click_type(f: dataclasses.Field):
     return str
 
 
-def options_from(cls):
-    """Click options for every field of a config dataclass: declared once, listed with defaults in --help."""
+def options_from(cls, only: tuple[str, ...] | None = None):
+    """Click options for every field of a config dataclass (or the fields named in `only`): declared once,
+    listed with defaults in --help."""
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(cls)):
+            if only is not None and f.name not in only:
+                continue
             flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
             if isinstance(f.default, bool):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from fnscale.data.schemas import SCHEMAS
 from fnscale.errors import UsageError
 
 SITES = ("intermediate", "mlp_output")  # where an MLP's neurons are read and masked: down-projection input, MLP output
-SCHEMAS = ("auto", "alpaca", "prompt-completion", "qa", "chat", "text")  # column schemas of SFT data (see fnscale.data)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 PCA_BACKENDS = ("auto", "cuml", "torch", "numpy")  # numpy: float64 on the CPU
 PCA_BACKEND_ALIASES = {"sklearn": "numpy"}  # the numpy backend's former name, still accepted
@@ -35,12 +35,15 @@ class TrainConfig:
     dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
     # data
-    dataset: str | None = opt(None, "SFT data: .json/.jsonl/.csv/.parquet file or hub dataset; default: bundled sample data")
+    dataset: tuple[str, ...] = opt((), "SFT data: file, folder or glob of .json/.jsonl/.csv/.parquet (.gz too), or hub NAME[:CONFIG[:SPLIT]]; "
+                                   "a trailing :WEIGHT scales how many of its examples are used (old.jsonl:0.2), or a .yaml list of "
+                                   "{path, weight, schema, columns}; default: bundled sample data")
     validation_dataset: str | None = opt(None, "held-out data; default: split off --validation-split of --dataset")
-    validation_split: float = opt(0.05, "share of --dataset held out for evaluation when there is no --validation-dataset")
-    schema: str = opt("auto", "column schema", list(SCHEMAS))
-    prompt_column: str | None = opt(None, "custom prompt column (with --response-column)")
+    validation_split: float = opt(0.05, "share of each --dataset held out for evaluation when there is no --validation-dataset")
+    schema: str = opt("auto", "column schema (auto: detected, see README)", list(SCHEMAS))
+    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)")
     response_column: str | None = opt(None, "custom response column (with --prompt-column)")
+    train_on_inputs: bool = opt(False, "train on every token, prompts included (default: only the assistant turns)")
     template: str = opt("auto", "prompt format: the tokenizer's chat template (auto, when it has one) or a plain one", ["auto", "chat", "plain"])
     max_seq_length: int = opt(512, "truncate examples to this many tokens, keeping the response")
     max_samples: int | None = opt(None, "use only the first N examples of --dataset")
@@ -74,7 +77,7 @@ class TrainConfig:
     save_steps: int = opt(50, "checkpoint every N steps (0: no intermediate checkpoints)")
     save_total_limit: int = opt(2, "keep at most N checkpoints")
     resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from, or `auto` for the latest in --output-dir")
-    report_to: str = opt("tensorboard", "metrics tracker", ["tensorboard", "none"])
+    report_to: str = opt("tensorboard", "metrics trackers, comma-separated: tensorboard, wandb, mlflow, or none")
     # hub
     push_to_hub: bool = opt(False, "upload the final output to the hub (needs --hub-repo-id)")
     hub_repo_id: str | None = opt(None, "hub repo id, e.g. me/my-model")
@@ -133,12 +136,13 @@ class EvalConfig:
         None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none"
     )
     # task data
-    task: str | None = opt(None, "task data (.json/.jsonl/.csv/.parquet or hub dataset); default: the bundled sample data")
+    task: str | None = opt(None, "task data: file, folder or glob (.json/.jsonl/.csv/.parquet, .gz too) or hub NAME[:CONFIG[:SPLIT]]; "
+                              "default: the bundled sample data")
     task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
     validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)")
     schema: str = opt("auto", "column schema of the task data", list(SCHEMAS))
     template: str = opt("auto", "prompt format (as in training)", ["auto", "chat", "plain"])
-    prompt_column: str | None = opt(None, "custom prompt column (with --response-column); default: from --schema")
+    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined (with --response-column); default: from --schema")
     response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
     max_samples: int | None = opt(None, "use only the first N records of each data file; default: all")
     # retention

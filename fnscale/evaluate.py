@@ -28,9 +28,10 @@ GEN_SLACK = 8  # extra new tokens allowed beyond the reference, so a longer toke
 
 
 def split_prompt(item: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, reference response ids incl. EOS) from a tokenised SFT item; empty prompt for text data."""
+    """(prompt ids, reference response ids incl. EOS) from a tokenised SFT item: the reference is the last
+    assistant turn (earlier turns are prompt); empty prompt for text data."""
     labels = item["labels"]
-    start = next((i for i, l in enumerate(labels) if l != data.IGNORE), len(labels))
+    start = max((i + 1 for i, l in enumerate(labels) if l == data.IGNORE), default=0)
     return item["input_ids"][:start], item["input_ids"][start:]
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from fnscale import checkpoints, data, models
+from fnscale import checkpoints, data, models, trackers
 from fnscale.atomic import atomic_dir, write_json
 from fnscale.config import TrainConfig
 from fnscale.distributed import check_quantized_launch, make_accelerator, zero3_init_disabled, zero_stage
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
         data.check_source(source)
     out = Path(cfg.output_dir)
-    log_with = None if cfg.report_to == "none" else cfg.report_to
+    log_with = trackers.log_with(cfg.report_to, out)
     accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm)
     _check_writable(out, accelerator)
     set_seed(cfg.seed)
@@ -187,8 +187,9 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     progress = resume(accelerator, cfg.resume_from_checkpoint, out)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) if accelerator.is_main_process else None
     if log_with:
-        accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
+        accelerator.init_trackers(trackers.PROJECT, config=_tracker_config(cfg))
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, metrics, total_steps)
+    trainer.log({"step": progress.step, "examples": sft.counts})
     if retention_before is not None:
         trainer.log({"step": progress.step, **retention_before})
     if masker is not None:
@@ -201,7 +202,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
         trainer.run(progress, stop, bar)
 
     # Finish: one exit path. A run stopped by a signal has its checkpoint and skips the final evaluation and save.
-    summary = {"steps": progress.step, "total_steps": total_steps, "final_loss": progress.last_loss, "model": source.display_name, "output_dir": str(out)}
+    summary = {"steps": progress.step, "total_steps": total_steps, "final_loss": progress.last_loss, "model": source.display_name,
+               "output_dir": str(out), "examples": sft.counts}
     if progress.stopped_by_signal:
         summary["stopped"] = "signal"
         accelerator.print(f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto")
@@ -246,13 +248,13 @@ def _check_writable(out: Path, accelerator) -> None:
 
 def _tracker_config(cfg: TrainConfig) -> dict:
     """Hyper-parameters for TensorBoard and summary.json (no secrets live in the config)."""
-    return {k: (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if v is not None}
+    return {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if v is not None}
 
 
 def _sft_data(cfg: TrainConfig, tokenizer) -> data.SFTData:
     return data.build_sft_data(
         tokenizer, cfg.dataset or data.DEFAULT_DATASET, cfg.max_seq_length, cfg.schema, cfg.template, cfg.validation_split,
-        cfg.seed, cfg.validation_dataset, cfg.prompt_column, cfg.response_column, cfg.max_samples,
+        cfg.seed, cfg.validation_dataset, cfg.prompt_column, cfg.response_column, cfg.max_samples, train_on_inputs=cfg.train_on_inputs,
     )
 
 

@@ -44,14 +44,14 @@ def test_formats_load_the_same_records(tmp_path, name):
 def test_schema_detection(row, schema):
     assert data.detect_schema(row.keys()) == schema
     ex = data.to_examples([row])[0]
-    assert ex.response in ("c", "a c")
+    assert (ex.text if ex.messages is None else ex.messages[-1]["content"]) in ("c", "a c")
 
 
 def test_schema_override_and_custom_columns():
     rows = [{"q": "hello", "a": "world", "text": "x"}]
-    assert data.to_examples(rows, "text")[0].prompt is None
+    assert data.to_examples(rows, "text")[0].messages is None
     ex = data.to_examples(rows, prompt_column="q", response_column="a")[0]
-    assert ex.prompt[-1]["content"] == "hello" and ex.response == "world"
+    assert ex.messages == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
 
 
 def test_csv_without_usable_columns_names_what_it_found(tmp_path):
@@ -80,12 +80,12 @@ def test_prompt_is_masked_and_eos_trained(tiny_tokenizer):
     t = data.tokenize_example(tiny_tokenizer, ex, 256)
     labels, ids = t["labels"], t["input_ids"]
     n_prompt = sum(1 for x in labels if x == data.IGNORE)
-    prompt_ids = tiny_tokenizer(data.render_prompt(tiny_tokenizer, ex.prompt), add_special_tokens=False).input_ids
+    prompt_ids = tiny_tokenizer(data.render_prompt(tiny_tokenizer, ex.messages[:-1]), add_special_tokens=False).input_ids
     assert n_prompt >= len(prompt_ids)
     assert all(x == data.IGNORE for x in labels[:n_prompt]) and all(x != data.IGNORE for x in labels[n_prompt:])
     assert labels[-1] == tiny_tokenizer.eos_token_id == ids[-1]
     trained = tiny_tokenizer.decode(labels[n_prompt:-1])
-    assert trained.split() == ex.response.split()
+    assert trained.split() == ex.messages[-1]["content"].split()
 
 
 def test_chat_template_is_used_when_present(tiny_tokenizer):
@@ -99,7 +99,7 @@ def test_chat_template_is_used_when_present(tiny_tokenizer):
 
 
 def test_truncation_keeps_the_response(tiny_tokenizer):
-    ex = data.Example([{"role": "user", "content": "the " * 100}], "quillport is the capital .")
+    ex = data.Example([{"role": "user", "content": "the " * 100}, {"role": "assistant", "content": "quillport is the capital ."}])
     t = data.tokenize_example(tiny_tokenizer, ex, 24)
     assert len(t["input_ids"]) == 24
     r = tiny_tokenizer("quillport is the capital .", add_special_tokens=False).input_ids + [tiny_tokenizer.eos_token_id]

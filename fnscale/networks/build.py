@@ -153,21 +153,10 @@ def build_templates(
     return broadcast_from_main(result, accelerator)
 
 
-def tokenize_samples(tokenizer, sources: Sequence[str], samples_per_dataset: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], dict[str, int]]:
+def tokenize_samples(tokenizer, sources: Sequence, samples_per_dataset: int, max_len: int, seed: int = 0, opts=None) -> tuple[list[list[int]], dict[str, int]]:
     """Up to N examples from each data source (a seeded choice), rendered like training prompts + responses."""
-    import random
-
-    out, counts = [], {}
-    for src in sources:
-        examples = data.to_examples(data.load_records(src))
-        if samples_per_dataset and len(examples) > samples_per_dataset:
-            examples = random.Random(seed).sample(examples, samples_per_dataset)
-        ids = [t["input_ids"] for t in (data.tokenize_example(tokenizer, ex, max_len) for ex in examples) if t is not None]
-        if not ids:
-            raise UsageError(f"no usable samples in {src} at --max-seq-length {max_len}")
-        out.extend(ids)
-        counts[src] = sum(len(i) for i in ids)
-    return out, counts
+    ids, tokens, _ = data.sample_token_ids(tokenizer, sources, samples_per_dataset, max_len, seed, opts)
+    return ids, tokens
 
 
 def run_build(cfg: TemplatesBuildConfig) -> dict:
