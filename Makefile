@@ -20,5 +20,6 @@ demo: install
 	fnscale train $(DEMO_ARGS)
 
 test: install-dev
+	ruff check .
 	OMP_NUM_THREADS=1 pytest -q -m "not slow"
 	OMP_NUM_THREADS=1 pytest -q -m slow

@@ -147,3 +147,21 @@ def test_templates_build_positional_and_named_forms(args, model, datasets):
     from fnscale.cli_templates import model_and_datasets
 
     assert model_and_datasets(*args) == (model, datasets)
+
+
+def test_templates_build_reads_custom_columns_like_train(tiny_llama, sft_file, tmp_path):
+    """Data that `train` reads with --prompt-column/--response-column is read the same way by `templates build`."""
+    import json
+
+    from fnscale.cli import cli
+
+    rows = [json.loads(line) for line in open(sft_file)]
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text("".join(json.dumps({"ask": r["instruction"], "say": r["output"]}) + "\n" for r in rows))
+    common = ["--model", tiny_llama, "--dataset", str(custom), "--components", "2", "--percentile", "95", "--samples-per-dataset", "12",
+              "--max-seq-length", "48"]
+    refused = CliRunner().invoke(cli, ["templates", "build", *common, "--output", str(tmp_path / "no")])
+    assert refused.exit_code == 2 and "ask" in refused.output, refused.output
+    res = CliRunner().invoke(cli, ["templates", "build", *common, "--prompt-column", "ask", "--response-column", "say", "--output", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert Templates.load(tmp_path / "o" / "global_templates.json").n_components == 2

@@ -174,7 +174,8 @@ def run_build(cfg: TemplatesBuildConfig) -> dict:
     model = accelerator.prepare_model(model, evaluation_mode=True)
     layers = parse_layers(cfg.layers, len(find_mlp_layers(accelerator.unwrap_model(model))))
     sources = list(cfg.dataset) or [data.DEFAULT_DATASET]
-    samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed)
+    opts = data.DataOptions(schema=cfg.schema, template=cfg.template, prompt_column=cfg.prompt_column, response_column=cfg.response_column)
+    samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed, opts)
     templates = build_templates(
         model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
         kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
