@@ -52,6 +52,8 @@ class MaskedWeightGuard:
       masked forward or backward, so restoring before anything reads them unmasked (a save, an unmasked
       eval) is enough; restoring after every step also works and keeps the invariant at all times, at
       the cost of one index_copy_ of the slices (most of the MLP weights in preserve mode).
+      Update masks (`masking.update`) leave masked weights in the forward pass, so there `restore()` must
+      run after every optimizer step (the training loop does), with gradient hooks zeroing their gradients.
     - LoRA: base weights are frozen; the adapter could still move masked slices after merging. The guard
       zeroes the down projection's lora_A columns of masked inputs (and at site mlp_output lora_B rows of
       masked outputs) and the gate/up lora_B rows of masked neurons, and `restore()` re-zeroes them. With
