@@ -1,4 +1,4 @@
-"""`fnscale templates build | show | compare`.
+"""`fnscale templates build | show | compare | random`.
 
 `build` options come from `TemplatesBuildConfig` (declared once, also readable from `--config FILE.yaml`);
 MODEL and DATASETs may be given as positional arguments too.
@@ -73,3 +73,16 @@ def compare(a, b):
     from fnscale.networks.templates import compare as compare_templates
 
     click.echo(compare_templates(Templates.load(a), Templates.load(b)).table())
+
+
+@templates.command(context_settings=CONTEXT)
+@click.option("--like", "like", required=True, type=click.Path(dir_okay=False), help="template whose per-layer sizes the control matches")
+@click.option("--seed", type=int, default=0, help="seed of the random draw")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="where to write the control template JSON")
+def random(like, seed, output):
+    """Save a random control: each component of --like replaced by as many random neurons per layer (same site)."""
+    from fnscale.networks.controls import random_templates
+    from fnscale.networks.templates import Templates
+
+    control = random_templates(Templates.load(like), seed)
+    click.echo(f"saved {control.save(output)}: random control of {like} (seed {seed}), {len(control.components)} components")

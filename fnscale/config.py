@@ -20,6 +20,7 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 PCA_BACKENDS = ("auto", "cuml", "torch", "numpy")  # numpy: float64 on the CPU
 PCA_BACKEND_ALIASES = {"sklearn": "numpy"}  # the numpy backend's former name, still accepted
 CL_METRICS = ("token_accuracy", "exact_match")  # scores the continual-learning matrix R can hold
+MASK_EFFECTS = ("update", "forward")  # how a mask acts in training: frozen weights, or zeroed activations
 
 
 def opt(default, help: str, choices=None, flag: str | None = None, secondary: str | None = None):
@@ -93,6 +94,13 @@ class TrainConfig:
     ica_site: str = opt("intermediate", "capture site for computed templates", list(SITES))
     mask_kernel: str = opt("auto", "masking path: auto (Triton on CUDA), triton or torch", ["auto", "triton", "torch"])
     compact: str = opt("auto", "compact preserve: compute the MLP over kept neurons only (auto: preserve with < 50% kept)", ["auto", "on", "off"])
+    mask_effect: str | None = opt(None, "how masks act: update (masked neurons stay in the forward pass, their weights get no update; "
+                                  "the default with --mask-mode) or forward (their activations are zeroed during training only)", list(MASK_EFFECTS))
+    train_attention: bool = opt(True, "train attention, embeddings, norms and the LM head (--no-train-attention: only MLP weights train)",
+                                flag="--train-attention/--no-train-attention")
+    mask_control: str = opt("none", "random: mask as many neurons per layer as the chosen networks, drawn at random (a chance baseline)",
+                            ["none", "random"])
+    mask_control_seed: int | None = opt(None, "seed of the --mask-control random draw (default: --seed)")
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
 

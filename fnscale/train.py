@@ -30,7 +30,8 @@ from fnscale.config import TrainConfig
 from fnscale.distributed import check_quantized_launch, make_accelerator, zero3_init_disabled, zero_stage
 from fnscale.errors import RunError, UsageError
 from fnscale.hub import push_folder
-from fnscale.masking.setup import setup_masks
+from fnscale.masking.setup import check_mask_options, setup_masks
+from fnscale.masking.update import freeze_outside_mlps
 from fnscale.metrics import MetricsLog
 from fnscale.scoring import RetentionProbe, loader_loss
 
@@ -167,6 +168,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     # Model, data and (optionally) functional-network masks, built from templates or computed on the training data.
     source, tokenizer, model = build_model(cfg, accelerator)
     sft = _sft_data(cfg, tokenizer)
+    if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
+        freeze_outside_mlps(model)
     masker = setup_masks(cfg, model, tokenizer, sft, accelerator, source.display_name) if cfg.mask_mode != "none" else None
 
     # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
@@ -233,6 +236,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
     if not 0 < cfg.ica_percentile < 100:
         raise UsageError(f"--ica-percentile {cfg.ica_percentile} must be between 0 and 100 (exclusive)")
+    check_mask_options(cfg)
 
 
 def _check_writable(out: Path, accelerator) -> None:

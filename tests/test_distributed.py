@@ -191,10 +191,11 @@ def test_zero_masked_training_keeps_masked_neurons_untouched(config, lora, tiny_
 
 
 @pytest.mark.slow
-def test_zero3_full_ft_masked_training_keeps_masked_neurons_untouched(tiny_llama, data16, template_file, tmp_path):
+@pytest.mark.parametrize("effect", ["update", "forward"])  # update (the default): gradient hooks on partitioned tensors
+def test_zero3_full_ft_masked_training_keeps_masked_neurons_untouched(tiny_llama, data16, template_file, tmp_path, effect):
     out = tmp_path / "run"
     args = train_args(tiny_llama, data16, out, "--no-lora", "--batch-size", "2", "--mask-mode", "lesion", "--ica-template-path", template_file,
-                      "--ica-component-ids", "0", steps=3)
+                      "--ica-component-ids", "0", "--mask-effect", effect, steps=3)
     ok(run(launch_cmd("cpu_2proc_zero3.yaml", args)))
     assert_masked_untouched(f"{tiny_llama}/model.safetensors", out / "final" / "model.safetensors")
 

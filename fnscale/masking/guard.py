@@ -52,6 +52,8 @@ class MaskedWeightGuard:
       masked forward or backward, so restoring before anything reads them unmasked (a save, an unmasked
       eval) is enough; restoring after every step also works and keeps the invariant at all times, at
       the cost of one index_copy_ of the slices (most of the MLP weights in preserve mode).
+      Update masks (`masking.update`) leave masked weights in the forward pass, so there `restore()` must
+      run after every optimizer step (the training loop does), with gradient hooks zeroing their gradients.
     - LoRA: base weights are frozen; the adapter could still move masked slices after merging. The guard
       zeroes the down projection's lora_A columns of masked inputs (and at site mlp_output lora_B rows of
       masked outputs) and the gate/up lora_B rows of masked neurons, and `restore()` re-zeroes them. With
@@ -105,6 +107,13 @@ def protect_masked_weights(
     holds the base weights). `offload=True` keeps snapshots on the CPU: no extra GPU memory (preserve
     mode snapshots most MLP weights), a slower restore (a host-to-device copy).
     """
+    return MaskedWeightGuard(masked_slices(model, masks, site, offload=offload))
+
+
+def masked_slices(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str = "intermediate", offload: bool = False,
+                  snapshot: bool = True) -> list[_Slice]:
+    """The trainable tensor slices that carry masked neurons' weights (see MaskedWeightGuard for which).
+    `snapshot=False` records where they are without copying them (ZeRO-3 partitions: gradient hooks only)."""
     if site not in SITES:
         raise UsageError(f"unknown mask site {site!r}; use one of {', '.join(SITES)}")
     _check_lora_inits(model)
@@ -118,9 +127,9 @@ def protect_masked_weights(
         if masked.numel() == 0:
             continue
         if site == "mlp_output":
-            slices += _protect(layer.down, names, masked, side="out", offload=offload)
+            slices += _protect(layer.down, names, masked, side="out", offload=offload, snapshot=snapshot)
             continue
-        slices += _protect(layer.down, names, masked, side="in", offload=offload)
+        slices += _protect(layer.down, names, masked, side="in", offload=offload, snapshot=snapshot)
         if not layer.ups:
             raise UsageError(
                 f"could not find the layers producing the MLP neurons of {type(layer.mlp).__name__} (layer "
@@ -129,8 +138,8 @@ def protect_masked_weights(
             )
         for module, fused in layer.ups:
             rows = torch.cat([masked, masked + layer.width]) if fused else masked
-            slices += _protect(module, names, rows, side="out", offload=offload)
-    return MaskedWeightGuard(slices)
+            slices += _protect(module, names, rows, side="out", offload=offload, snapshot=snapshot)
+    return slices
 
 
 def _check_lora_inits(model: nn.Module) -> None:
@@ -143,7 +152,7 @@ def _check_lora_inits(model: nn.Module) -> None:
             )
 
 
-def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, offload: bool) -> list[_Slice]:
+def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, offload: bool, snapshot: bool = True) -> list[_Slice]:
     """Slices of `module` touching `index`: its input features (side "in") or output features ("out")."""
     base = unwrap(module)
     layout = linear_features(module)[2]
@@ -155,7 +164,9 @@ def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, off
     if side == "out" and getattr(base, "bias", None) is not None:
         tensors.append(("bias", base.bias, 0))
     for tname, tensor, dim in tensors:
-        if tensor.requires_grad:
+        if tensor.requires_grad and not snapshot:
+            slices.append(_Slice(f"{label}.{tname}", tensor, dim, index.to(tensor.device), None))
+        elif tensor.requires_grad:
             _refuse_partitioned(tensor, label)
             idx = index.to(tensor.device)
             saved = tensor.detach().index_select(dim, idx)

@@ -7,6 +7,8 @@ Untouched under each distribution mode:
 - ZeRO-3 (parameters are partitioned, slices cannot be written): masked slices get exactly zero
   gradient, LoRA slices start at zero, and the MLP tensors holding masked slices get no weight decay,
   so AdamW leaves them exactly where they were.
+Masks act on the forward pass (`--mask-effect forward`: activations zeroed, so gradients are zero too) or
+on the update only (`update`, the default: gradient hooks zero the masked slices' gradients, see `update`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from fnscale.distributed import broadcast_from_main, zero_stage
 from fnscale.errors import UsageError
 from fnscale.masking.apply import apply_masks
 from fnscale.masking.build import build_masks
-from fnscale.masking.guard import protect_masked_weights
+from fnscale.masking.guard import masked_slices, protect_masked_weights
+from fnscale.masking.update import GradientHold
 from fnscale.mlp import find_mlp_layers, unwrap
 from fnscale.networks.capture import parse_layers
+from fnscale.networks.controls import random_like
 from fnscale.networks.templates import Templates
 
 log = logging.getLogger(__name__)
@@ -67,15 +71,19 @@ def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) 
 class Masker:
     """The training loop's view of masking: attach after `prepare`, `after_step` after each optimizer step."""
 
-    def __init__(self, masks: dict[int, torch.Tensor], site: str, kernel: str, compact: bool | None, guard, zero3: bool, decay_free: set[int]):
+    def __init__(self, masks: dict[int, torch.Tensor], site: str, kernel: str, compact: bool | None, guard, zero3: bool, decay_free: set[int],
+                 hold: GradientHold | None = None):
         self.masks, self.site, self.kernel, self.compact = masks, site, kernel, compact
         self.guard, self.zero3, self._decay_free = guard, zero3, decay_free
+        self.hold = hold  # update masks: gradient hooks, on from setup; forward masks: None, hooks go on in `attach`
         self.handle = None
 
     def no_decay_params(self) -> set[int]:
         return self._decay_free
 
     def attach(self, model) -> None:
+        if self.hold is not None:
+            return
         self.handle = apply_masks(model, self.masks, site=self.site, kernel=self.kernel, compact=False if self.zero3 else self.compact)
 
     def after_step(self) -> None:
@@ -86,6 +94,8 @@ class Masker:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        if self.hold is not None:
+            self.hold.remove()
         self.after_step()
 
     def stats(self) -> dict[str, float]:
@@ -112,6 +122,8 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
     masks = None
     if accelerator.is_main_process:
         neurons = templates.component_neurons(ids)
+        if cfg.mask_control == "random":
+            neurons = random_like(neurons, width, cfg.seed if cfg.mask_control_seed is None else cfg.mask_control_seed)
         chosen = parse_layers(cfg.ica_layers, len(layers)) if cfg.ica_layers else None
         masks = {k: v.cpu() for k, v in build_masks(neurons, cfg.mask_mode, len(layers), width, layers=chosen).items()}
     masks = broadcast_from_main(masks, accelerator)
@@ -128,6 +140,24 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
                 base = unwrap(module)
                 decay_free.update(id(p) for p in base.parameters(recurse=False) if p.requires_grad)
     compact = {"auto": None, "on": True, "off": False}[cfg.compact]
+    effect = cfg.mask_effect or "update"
+    hold = GradientHold(masked_slices(model, masks, site, snapshot=False)) if effect == "update" else None
     kept = float(np.mean([float(m.mean()) for m in masks.values()]))
-    log.info("masks: %s components %s on %d layers at site %s (%.1f%% of their neurons kept)", cfg.mask_mode, ids, len(masks), site, 100 * kept)
-    return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free)
+    log.info("masks: %s-%s%s, components %s on %d layers at site %s (%.1f%% of their neurons kept)", cfg.mask_mode, effect,
+             " (random control)" if cfg.mask_control == "random" else "", ids, len(masks), site, 100 * kept)
+    return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free, hold)
+
+
+def check_mask_options(cfg) -> None:
+    """Cheap checks of the masking options that need no model (one-line UsageErrors)."""
+    if cfg.mask_mode == "none":
+        given = [flag for flag, on in (("--mask-effect", cfg.mask_effect is not None), ("--mask-control", cfg.mask_control != "none")) if on]
+        if given:
+            raise UsageError(f"{'/'.join(given)} need(s) --mask-mode lesion or preserve (and templates to mask)")
+    if cfg.mask_control_seed is not None and cfg.mask_control != "random":
+        raise UsageError("--mask-control-seed seeds the random control; add --mask-control random")
+    if (cfg.mask_effect or "update") == "update" and (cfg.mask_kernel == "triton" or cfg.compact == "on"):
+        raise UsageError(
+            "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing is masked "
+            "in the forward pass; add --mask-effect forward or drop them"
+        )

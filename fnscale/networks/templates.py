@@ -61,6 +61,7 @@ class Templates:
     loadings: dict[int, dict[int, np.ndarray]] | None = None
     name: str | None = None
     source_format: str = "fnscale"
+    control: dict | None = None  # set on random controls: {"kind": "random", "seed": S}
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -160,6 +161,7 @@ class Templates:
             "token_counts": {str(k): int(v) for k, v in self.token_counts.items()},
             "imported_from": None if self.source_format == "fnscale" else self.source_format,
             "components": comps,
+            **({"control": self.control} if self.control else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -235,6 +237,7 @@ class Templates:
             num_layers=d.get("num_layers"),
             loadings=loads or None,
             source_format=d.get("imported_from") or "fnscale",
+            control=d.get("control"),
         )
 
     @classmethod

@@ -1,0 +1,61 @@
+"""Update masks (`--mask-effect update`): masked neurons stay in the forward pass, their weights get no update.
+
+Forward masks (`apply`) zero activations during training only, so the rest of the model learns around a
+hole that is gone at inference (a train/inference mismatch). Update masks leave the forward pass alone and
+stop the masked slices from moving: a gradient hook on each tensor holding masked slices zeroes their
+gradient (so clipping and AdamW's moments never see it), and `MaskedWeightGuard.restore()` after each step
+undoes weight decay (ZeRO-3 full FT, where slices cannot be written: those tensors get no decay instead).
+
+`--no-train-attention` (`freeze_outside_mlps`) is the rule for the rest of the model: only the MLP weights
+(and their LoRA adapters) train; attention, embeddings, norms and the LM head are frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fnscale.errors import UsageError
+from fnscale.mlp import find_mlp_layers
+
+
+def _zero_slices(dim: int, index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    copies: dict[torch.device, torch.Tensor] = {}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        idx = copies.get(grad.device)
+        if idx is None:
+            idx = copies[grad.device] = index.to(grad.device)
+        return grad.index_fill(dim, idx, 0.0)
+
+    return hook
+
+
+class GradientHold:
+    """Gradient hooks that zero the masked slices of each tensor (`slices` from `guard.masked_slices`);
+    `remove()` takes them off (idempotent)."""
+
+    def __init__(self, slices):
+        self._handles = [s.param.register_hook(_zero_slices(s.dim, s.index)) for s in slices]
+        self.num_tensors = len(self._handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
+def freeze_outside_mlps(model: nn.Module) -> int:
+    """Freeze every parameter outside the decoder MLPs (attention, embeddings, norms, LM head, and LoRA
+    adapters on them); returns how many tensors were frozen. MLP weights keep their trainable flag."""
+    in_mlp = {id(p) for layer in find_mlp_layers(model) for p in layer.mlp.parameters()}
+    frozen = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in in_mlp:
+            p.requires_grad_(False)
+            frozen += 1
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError("--no-train-attention left nothing to train (no trainable MLP weights); add MLP modules to "
+                         "--lora-target-modules or drop --no-train-attention")
+    return frozen
