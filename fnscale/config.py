@@ -135,6 +135,10 @@ class TemplatesBuildConfig:
     seed: int = opt(0, "seed for sampling and FastICA")
     gguf_file: str | None = opt(None, "GGUF file inside MODEL")
     trust_remote_code: bool = opt(False, "allow custom model code from the hub")
+    # one process, several devices (see fnscale/placement.py)
+    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)", ["auto"])
+    max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
+    offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
 
 
 @dataclass
@@ -174,6 +178,10 @@ class EvalConfig:
     device: str = opt("auto", "device (auto: CUDA > MPS > CPU), e.g. cpu or cuda:1")
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
     output: str = opt("runs/eval", "folder for report.json, report.md, the plot and TensorBoard scalars")
+    # one process, several devices (see fnscale/placement.py)
+    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)", ["auto"])
+    max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
+    offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
 
 
 def read_yaml(path: str | Path, what: str = "config file"):

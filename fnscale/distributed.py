@@ -250,3 +250,37 @@ def check_quantized_launch(accelerator, load_in_4bit: bool, load_in_8bit: bool, 
             f"DeepSpeed casts parameters to {want} (mixed_precision of the launch config), which would corrupt 4-bit weights "
             f"packed in {have}; pass --dtype {want} so the 4-bit storage matches, or use mixed_precision: 'no'"
         )
+
+
+@contextlib.contextmanager
+def zero3_gathering(model, accelerator, micro_batch_size: int = 1):
+    """Forwards of a ZeRO-3 partitioned `model` (loaded under zero.Init) gather each layer's parameters as they go.
+
+    A throw-away DeepSpeed engine without optimizer (DeepSpeed's own ZeRO-3 inference mode) installs its
+    parameter-fetch hooks on the modules, so `model(...)` itself runs partitioned, capture hooks included;
+    on exit the engine is destroyed and its hooks removed, so the same model can then be prepared for training.
+    A no-op outside ZeRO-3. Every rank must run the same number of forwards (the gathers are collective).
+    """
+    if zero_stage(accelerator) != 3:
+        yield model
+        return
+    import copy
+
+    import deepspeed
+
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        cfg.pop(key, None)
+    cfg["train_micro_batch_size_per_gpu"] = max(1, int(micro_batch_size))
+    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * accelerator.num_processes
+    for key in ("bf16", "fp16"):
+        if str(cfg.get(key, {}).get("enabled")).lower() == "auto":
+            cfg[key]["enabled"] = accelerator.mixed_precision == key
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+    total = sum(p.ds_numel for p in model.parameters() if hasattr(p, "ds_numel"))
+    log.info("ZeRO-3 forward: rank %d holds %d of %d parameter elements (partitioned)", accelerator.process_index, held, total)
+    try:
+        yield model
+    finally:
+        engine.destroy()

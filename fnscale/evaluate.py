@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fnscale import data, models, report
+from fnscale import data, models, placement, report
 from fnscale.config import EvalConfig, read_yaml
 from fnscale.errors import UsageError
 from fnscale.scoring import corpus_loss, corpus_names, retention_items
@@ -265,7 +265,7 @@ class LoadedVariant:
                 raise UsageError(f"adapter {self.v.path} does not fit the base model: {str(err).splitlines()[0][:200]}") from err
         else:
             src = models.ModelSource(self.v.path, self.v.label)
-            self.model = models.load_model(src, self.dtype, None, self.cfg.trust_remote_code).to(self.device)
+            self.model = load_placed(src, self.dtype, self.cfg, self.device)
         self.model.eval()
         return self.model
 
@@ -285,6 +285,16 @@ class LoadedVariant:
         if hasattr(self.base, "peft_config"):
             del self.base.peft_config
         self.originals = {}
+
+
+def load_placed(source, dtype, cfg: EvalConfig, device):
+    """A model on `device`, or split over devices with --device-map auto (inputs go to `placement.input_device`)."""
+    place = placement.placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+    model = models.load_model(source, dtype, None, cfg.trust_remote_code, placement=place)
+    if place is None:
+        return model.to(device)
+    log.info("device map of %s: %s", source.display_name, placement.summary(model))
+    return model
 
 
 def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, list[dict]], cfg: EvalConfig, device) -> dict:
@@ -313,6 +323,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pick a folder")
+    placement.placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # checked before anything heavy
     device = models.pick_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     source = models.resolve_model(cfg.model, cfg.gguf_file)
@@ -327,7 +338,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     ret_sources = [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))
     retention = {n: retention_items(tokenizer, s, cfg.max_seq_length, cfg.max_samples) for n, s in zip(corpus_names(ret_sources), ret_sources)}
 
-    base = models.load_model(source, dtype, None, cfg.trust_remote_code).to(device)
+    base = load_placed(source, dtype, cfg, device)
+    if cfg.device_map:
+        device = placement.input_device(base)
     results = []
     for v in variants:
         log.info("scoring %s", v.label)

@@ -232,10 +232,11 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, device: torch.de
     )
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, quant=None, trust_remote_code: bool = False, device_map=None):
+def load_model(source: ModelSource, dtype: torch.dtype, quant=None, trust_remote_code: bool = False, device_map=None, placement: dict | None = None):
+    """`placement`: from_pretrained keywords of a model split over devices (fnscale.placement), or None."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, token=hf_token())
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, token=hf_token(), **(placement or {}))
     if quant is not None:
         kwargs["quantization_config"] = quant
         if device_map is not None:

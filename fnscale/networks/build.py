@@ -161,27 +161,34 @@ def tokenize_samples(tokenizer, sources: Sequence, samples_per_dataset: int, max
 
 def run_build(cfg: TemplatesBuildConfig) -> dict:
     """`fnscale templates build`: load, capture (sharded under accelerate launch), decompose, save atomically."""
-    from fnscale.distributed import make_accelerator
+    from fnscale.distributed import make_accelerator, zero3_gathering, zero_stage
     from fnscale.mlp import find_mlp_layers
+    from fnscale.placement import placement
+    from fnscale.placement import summary as placement_summary
 
     if not 0 < cfg.percentile < 100:
         raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
+    place = placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # --device-map auto: one process, split over devices
     accelerator = make_accelerator()
     with accelerator.main_process_first():
         source = models.resolve_model(cfg.model, cfg.gguf_file)
     tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
-    model = models.load_model(source, models.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model = models.load_model(source, models.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code, placement=place)
+    if place is not None:
+        log.info("device map: %s", placement_summary(model))
+    if place is None and zero_stage(accelerator) != 3:  # ZeRO-3: loaded partitioned, forwards gather (zero3_gathering)
+        model = accelerator.prepare_model(model, evaluation_mode=True)
     layers = parse_layers(cfg.layers, len(find_mlp_layers(accelerator.unwrap_model(model))))
     sources = list(cfg.dataset) or [data.DEFAULT_DATASET]
     opts = data.DataOptions(schema=cfg.schema, template=cfg.template, prompt_column=cfg.prompt_column, response_column=cfg.response_column)
     samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed, opts)
-    templates = build_templates(
-        model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
-        kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
-        cache_budget_gb=cfg.cache_budget_gb, accelerator=accelerator, model_name=source.display_name,
-        datasets=list(cfg.dataset) or ["default"], token_counts=counts,
-    )
+    with zero3_gathering(model, accelerator, cfg.batch_size):
+        templates = build_templates(
+            model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
+            kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+            cache_budget_gb=cfg.cache_budget_gb, accelerator=accelerator, model_name=source.display_name,
+            datasets=list(cfg.dataset) or ["default"], token_counts=counts,
+        )
     paths = templates.save_folder(cfg.output) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
     return {"templates": templates, **paths}
