@@ -35,6 +35,8 @@ class TrainConfig:
     gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo)")
     dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
+    attn_implementation: str = opt("auto", "attention kernel (auto: flash_attention_2 on CUDA with --packing when flash-attn is installed, "
+                                   "else sdpa)", ["auto", "sdpa", "eager", "flash_attention_2"])
     # data
     dataset: tuple[str, ...] = opt((), "SFT data: file, folder or glob of .json/.jsonl/.csv/.parquet (.gz too), or hub NAME[:CONFIG[:SPLIT]]; "
                                    "a trailing :WEIGHT scales how many of its examples are used (old.jsonl:0.2), or a .yaml list of "
@@ -48,6 +50,8 @@ class TrainConfig:
     template: str = opt("auto", "prompt format: the tokenizer's chat template (auto, when it has one) or a plain one", ["auto", "chat", "plain"])
     max_seq_length: int = opt(512, "truncate examples to this many tokens, keeping the response")
     max_samples: int | None = opt(None, "use only the first N examples of --dataset")
+    packing: bool = opt(False, "padding-free: pack whole examples into rows of --max-seq-length tokens (attention stays inside each example)")
+    group_by_length: bool = opt(False, "batch examples of similar length together (seeded), so less of each batch is padding")
     # output
     output_dir: str = opt("runs/fnscale", "where checkpoints, the final model, TensorBoard events and metrics.jsonl go")
     # fine-tuning kind

@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from fnscale import checkpoints, data, models, trackers
+from fnscale import attention, checkpoints, data, models, trackers
 from fnscale.atomic import atomic_dir, write_json
 from fnscale.config import TrainConfig
+from fnscale.data import packing
 from fnscale.distributed import check_quantized_launch, make_accelerator, zero3_init_disabled, zero_stage
 from fnscale.errors import RunError, UsageError
 from fnscale.hub import push_folder
@@ -167,13 +168,14 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
 
     # Model, data and (optionally) functional-network masks, built from templates or computed on the training data.
     source, tokenizer, model = build_model(cfg, accelerator)
+    attn = attention.configure(model, cfg.attn_implementation, cfg.packing, accelerator.device)
     sft = _sft_data(cfg, tokenizer)
     if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
         freeze_outside_mlps(model)
     masker = setup_masks(cfg, model, tokenizer, sft, accelerator, source.display_name) if cfg.mask_mode != "none" else None
 
     # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
-    train_loader, val_loader = _loaders(cfg, sft, tokenizer)
+    train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
     total_steps = _total_steps(cfg, len(train_loader), accelerator.num_processes)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, masker.no_decay_params() if masker is not None else None)
     scheduler = make_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
@@ -237,6 +239,7 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < cfg.ica_percentile < 100:
         raise UsageError(f"--ica-percentile {cfg.ica_percentile} must be between 0 and 100 (exclusive)")
     check_mask_options(cfg)
+    attention.check(cfg.attn_implementation, cfg.packing, cfg.group_by_length, cfg.dtype)
 
 
 def _check_writable(out: Path, accelerator) -> None:
@@ -262,12 +265,25 @@ def _sft_data(cfg: TrainConfig, tokenizer) -> data.SFTData:
     )
 
 
-def _loaders(cfg: TrainConfig, sft, tokenizer) -> tuple[DataLoader, DataLoader | None]:
+def _loaders(cfg: TrainConfig, sft, tokenizer, flatten: bool = False) -> tuple[DataLoader, DataLoader | None]:
     """Shuffled training batches; validation batches in order when there is held-out data."""
     collate = partial(data.collate, pad_id=tokenizer.pad_token_id)
-    train_loader = DataLoader(sft.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=False)
+    train_loader = _train_loader(cfg, sft.train, tokenizer.pad_token_id, flatten)
     val_loader = DataLoader(sft.validation, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate) if sft.validation else None
     return train_loader, val_loader
+
+
+def _train_loader(cfg: TrainConfig, items: list[dict], pad_id: int, flatten: bool) -> DataLoader:
+    """Shuffled batches: padded (optionally length-grouped), or --packing rows of whole examples (flattened for FlashAttention)."""
+    if cfg.packing:
+        rows = packing.pack_rows(items, cfg.max_seq_length)
+        collate = partial(packing.collate_packed, pad_id=pad_id, flatten=flatten)
+        return DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+    collate = partial(data.collate, pad_id=pad_id)
+    if cfg.group_by_length:
+        sampler = packing.SeededLengthGroupedSampler(cfg.batch_size, [len(i["input_ids"]) for i in items], cfg.seed)
+        return DataLoader(items, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+    return DataLoader(items, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=False)
 
 
 def _total_steps(cfg: TrainConfig, n_batches: int, n_processes: int) -> int:
@@ -378,7 +394,7 @@ class Trainer:
                 bad = grad_norm is not None and not math.isfinite(grad_norm)
             if synced:
                 self._apply_or_skip(bad)
-        return StepResult(float(loss.detach()), int(batch["attention_mask"].sum()), bad, synced, grad_norm)
+        return StepResult(float(loss.detach()), packing.batch_tokens(batch), bad, synced, grad_norm)
 
     def _apply_or_skip(self, bad: bool) -> None:
         if not bad:
