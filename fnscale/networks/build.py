@@ -113,7 +113,9 @@ def build_templates(
     with ActivationCapture(model, site, layers) as cap:
         # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
         groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
-        decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True) for _ in groups]
+        # oversample 20 (not 10): the folded pass truncates under running standardisations, per rank
+        decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20)
+                for _ in groups]
         keep = _plan_cache(cache_budget_gb, mine, cap, kind)
         stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, keep, progress and rank == 0)
 
