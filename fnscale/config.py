@@ -135,7 +135,10 @@ class TemplatesBuildConfig:
     max_seq_length: int = opt(512, "truncate samples to this many tokens")
     batch_size: int = opt(8, "samples per forward pass")
     dtype: str = opt("auto", "model dtype", DTYPES)
-    cache_budget_gb: float = opt(0.0, "keep captured activations (fp16) in memory up to this size, skipping the recomputing passes")
+    cache_budget_gb: str = opt(
+        "auto", "keep the captured activations in memory (fp16, per-neuron scaled) to skip recomputing the forward pass: "
+        "auto caches when they fit in half the available memory, a number is a budget in GB per process, 0 streams"
+    )
     seed: int = opt(0, "seed for sampling and FastICA")
     gguf_file: str | None = opt(None, "GGUF file inside MODEL")
     trust_remote_code: bool = opt(False, "allow custom model code from the hub")

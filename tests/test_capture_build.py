@@ -69,15 +69,18 @@ def test_build_templates_single_process_and_cache(tiny_llama):
     for c in range(4):
         n = sum(len(v) for v in t.components[c].values())
         assert 0.05 * 128 <= n <= 0.2 * 128  # ~10% of 128 neurons pass the 90th percentile
-    # the activation cache replaces passes 2-3's forwards and gives the same networks
+    # statistics and PCA share one pass; the activation cache (auto: it fits) replaces the projection's forwards
     calls = {"n": 0}
     h = model.model.embed_tokens.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    streamed = build_templates(model, _samples(), cache_budget_gb=0, **kw)
+    assert calls["n"] == 12  # 48 samples / batch 8: two passes of forwards, not three
     cached = build_templates(model, _samples(), cache_budget_gb=1.0, **kw)
     h.remove()
-    assert calls["n"] == 6  # 48 samples / batch 8: one pass of forwards instead of three
+    assert calls["n"] == 12 + 6  # one pass
     for c in range(4):
         for layer in (0, 1):
             assert np.array_equal(t.components[c].get(layer, []), cached.components[c].get(layer, []))
+            assert np.array_equal(t.components[c].get(layer, []), streamed.components[c].get(layer, []))
 
 
 def test_layer_scope_and_spatial(tiny_gpt2):

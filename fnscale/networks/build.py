@@ -1,4 +1,4 @@
-"""The template-building recipe: shard samples over ranks, stream 1-3 passes of activations,
+"""The template-building recipe: shard samples over ranks, stream 1-2 passes of activations,
 merge statistics and PCA states across ranks, FastICA once, threshold, and return templates.
 
 Every rank runs the same number of forward passes (a rank that runs out does a throw-away
@@ -18,6 +18,7 @@ from fnscale import data, models
 from fnscale.config import TemplatesBuildConfig
 from fnscale.distributed import broadcast_from_main
 from fnscale.errors import UsageError
+from fnscale.networks import cache
 from fnscale.networks.capture import ActivationCapture, parse_layers
 from fnscale.networks.decompose import StreamingDecomposer
 from fnscale.networks.stats import torch_all_gather
@@ -34,18 +35,17 @@ def _batches(samples: Sequence[list[int]], batch_size: int, pad_id: int, device)
 
 
 class _ActivationPasses:
-    """This rank's batches, one pass per call: cached activations (fp16, within a budget) once a pass
-    completed under it, else fresh forwards; a rank out of batches does throw-away forwards."""
+    """This rank's batches, one pass per call: fresh forwards, kept in memory during the first pass when
+    `keep` (see `cache`) and replayed from there afterwards; a rank out of batches does throw-away forwards."""
 
-    def __init__(self, cap: ActivationCapture, samples, n_steps: int, batch_size: int, pad_id: int, device, budget_gb: float, show: bool):
+    def __init__(self, cap: ActivationCapture, samples, n_steps: int, batch_size: int, pad_id: int, device, keep: bool, show: bool):
         self.cap, self.samples, self.n_steps, self.batch_size, self.pad_id, self.device = cap, samples, n_steps, batch_size, pad_id, device
-        self.budget_gb, self.show = budget_gb, show
-        self.cache: list[np.ndarray | None] | None = [] if budget_gb > 0 else None
-        self.cache_bytes = 0
+        self.show = show
+        self.cache: list[tuple[np.ndarray, np.ndarray] | None] | None = [] if keep else None
 
     def __call__(self, desc: str):
         if self.cache is not None and len(self.cache) == self.n_steps:
-            yield from (c.astype(np.float32) if c is not None else None for c in self.cache)
+            yield from (None if c is None else cache.decode(*c) for c in self.cache)
             return
         it = _batches(self.samples, self.batch_size, self.pad_id, self.device)
         for _ in tqdm(range(self.n_steps), desc=desc, disable=not self.show, leave=False):
@@ -53,18 +53,15 @@ class _ActivationPasses:
             if b is None:
                 self.cap.dummy(self.device)
             acts = None if b is None else self.cap.run(*b)
-            self._keep(acts)
+            if self.cache is not None:
+                self.cache.append(None if acts is None else cache.encode(acts))
             yield acts
 
-    def _keep(self, acts: np.ndarray | None) -> None:
-        if self.cache is None:
-            return
-        self.cache_bytes += 0 if acts is None else acts.size * 2
-        if self.cache_bytes > self.budget_gb * 2**30:
-            log.info("activation cache over its %.2f GB budget; recomputing passes instead", self.budget_gb)
-            self.cache = None
-        else:
-            self.cache.append(None if acts is None else acts.astype(np.float16))
+
+def _plan_cache(budget, samples, cap: ActivationCapture, kind: str) -> bool:
+    """Cache on every rank or on none (ranks must run the same forwards): each rank plans for its share."""
+    fits = cache.plan_cache(budget, sum(len(s) for s in samples), cap.width * len(cap.layers), int(kind == "temporal"))
+    return all(torch_all_gather(fits))
 
 
 def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str, **meta) -> Templates:
@@ -96,7 +93,7 @@ def build_templates(
     batch_size: int = 8,
     pad_id: int = 0,
     seed: int = 0,
-    cache_budget_gb: float = 0.0,
+    cache_budget_gb: float | str = "auto",
     accelerator=None,
     progress: bool = True,
     model_name: str | None = None,
@@ -116,8 +113,11 @@ def build_templates(
     with ActivationCapture(model, site, layers) as cap:
         # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
         groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
-        decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed) for _ in groups]
-        stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, cache_budget_gb, progress and rank == 0)
+        # oversample 20 (not 10): the folded pass truncates under running standardisations, per rank
+        decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20)
+                for _ in groups]
+        keep = _plan_cache(cache_budget_gb, mine, cap, kind)
+        stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, keep, progress and rank == 0)
 
         def feed(desc: str, update) -> None:
             """One pass: every rank-local batch to every decomposition, as update(index, decomposer, columns)."""
@@ -126,15 +126,10 @@ def build_templates(
                     for i, (dec, cols) in enumerate(zip(decs, groups)):
                         update(i, dec, acts[:, cols])
 
-        if decs[0].standardize:
-            feed("capture: statistics", lambda i, dec, x: dec.update_stats(x))
-            for dec in decs:
-                dec.merge_stats()
-            if decs[0].stats_.count_ == 0:
-                raise UsageError("no tokens captured: every sample was empty after padding removal")
-        feed("capture: PCA", lambda i, dec, x: dec.update_pca(x))
+        # Pass 1: exact statistics and the PCA under a running standardisation, together; pass 2: projection.
+        feed("capture: statistics + PCA", lambda i, dec, x: dec.update(x))
         for dec in decs:
-            dec.merge_pca()
+            dec.merge()
         Zs: list[list[np.ndarray]] = [[] for _ in decs]
         if kind == "temporal":
             feed("capture: projection", lambda i, dec, x: Zs[i].append(dec.project(x)))
@@ -169,6 +164,7 @@ def run_build(cfg: TemplatesBuildConfig) -> dict:
     if not 0 < cfg.percentile < 100:
         raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
     place = placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # --device-map auto: one process, split over devices
+    cache.parse_budget(cfg.cache_budget_gb)  # refuse a bad value before loading anything
     accelerator = make_accelerator()
     with accelerator.main_process_first():
         source = models.resolve_model(cfg.model, cfg.gguf_file)

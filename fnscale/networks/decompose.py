@@ -30,13 +30,13 @@ gather Z to rank 0 instead (`dist.gather_object`), call `finish` there and broad
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from fnscale.errors import UsageError
 from fnscale.networks.ica import fast_ica
-from fnscale.networks.pca import IncrementalPCA, PCAState
+from fnscale.networks.pca import IncrementalPCA, PCAState, resolve_backend
 from fnscale.networks.stats import RunningStats, as_2d, merge_across_ranks
 
 KINDS = ("temporal", "spatial")
@@ -99,6 +99,7 @@ class StreamingDecomposer:
         chunk_size: int | None = None,
         max_iter: int = 1000,
         tol: float = 1e-5,
+        fold_stats: bool = False,
     ):
         _check_args(n_components, percentile, kind)
         self.n_components = int(n_components)
@@ -109,6 +110,9 @@ class StreamingDecomposer:
         self.max_iter, self.tol = int(max_iter), float(tol)
         self._pca_kwargs = dict(oversample=oversample, backend=backend, device=device, chunk_size=chunk_size)
         IncrementalPCA(1, **self._pca_kwargs)  # refuse an unknown/unavailable backend before any pass
+        self.fold_stats = bool(fold_stats)
+        if self.fold_stats and resolve_backend(backend) == "cuml":
+            self._pca_kwargs["backend"] = "torch"  # the folded pass rescales its state in place; cuML's estimator cannot
         self.stats_ = RunningStats()
         self.pca_: IncrementalPCA | None = None
         self._projector = None
@@ -116,7 +120,53 @@ class StreamingDecomposer:
     @property
     def n_passes(self) -> int:
         """Passes over the data this configuration needs (1 to 3)."""
-        return int(self.standardize) + 1 + int(self.kind == "temporal")
+        return int(self.standardize and not self.fold_stats) + 1 + int(self.kind == "temporal")
+
+    # -- fold_stats=True: statistics and PCA in one pass (replaces passes 1 and 2)
+
+    def update(self, batch) -> None:
+        """Fold a batch into the exact statistics and into a PCA of the running-standardised rows.
+
+        Before each batch the PCA state is rescaled to the standardisation known so far
+        (`IncrementalPCA.rescale`), and `merge` rescales it to the exact final one, so the result
+        differs from the 3-pass path only through where the k' truncation happened.
+        """
+        if not self.standardize:
+            return self.update_pca(batch)
+        batch = as_2d(batch)
+        if not batch.shape[0]:
+            return None
+        self._projector = None
+        self.stats_.update(batch)
+        scale = self._running_scale()
+        if self.pca_ is None:
+            self.pca_ = IncrementalPCA(self.n_components, scale=scale, **self._pca_kwargs)
+        else:
+            self.pca_.rescale(scale)
+        self.pca_.partial_fit(batch)
+        return None
+
+    def _running_scale(self) -> np.ndarray:
+        """1/std so far; a neuron constant so far gets the median std, so its later variation is not lost."""
+        st = self.stats_
+        sd = np.sqrt(st.m2_ / max(st.count_ - 1, 1))
+        live = ~st.constant_mask() & (sd > 0)
+        return 1.0 / np.where(live, sd, float(np.median(sd[live])) if live.any() else 1.0)
+
+    def merge(self, gather_fn: Callable | None = None) -> None:
+        """After the folded pass (every rank): merge the statistics, rescale every PCA state to the
+        exact standardisation, merge them, and set the exact total variance."""
+        if not self.standardize:
+            return self.merge_pca(gather_fn)
+        self.merge_stats(gather_fn)
+        inv = self.stats_.inverse_std()
+        if self.pca_ is None:  # a rank with no batches still takes part in the collective
+            self.pca_ = IncrementalPCA(self.n_components, scale=inv, **self._pca_kwargs)
+        self.pca_.rescale(inv)
+        self.merge_pca(gather_fn)
+        exact = float((self.stats_.m2_ * inv * inv).sum())
+        self.pca_.set_state(replace(self.pca_.get_state(), total_m2_=exact))
+        return None
 
     # -- pass 1
 
@@ -278,21 +328,29 @@ def decompose(
 
     `batches`: a list/re-iterable of (tokens x neurons) numpy arrays or torch tensors, or a
     zero-arg function returning a fresh iterable (needed for generators: up to 3 passes).
-    Extra keyword arguments (device, chunk_size, max_iter, tol) go to `StreamingDecomposer`.
+    Extra keyword arguments (device, chunk_size, max_iter, tol, fold_stats) go to `StreamingDecomposer`;
+    `fold_stats=True` runs 2 passes instead of 3 (statistics folded into the PCA pass).
     """
     dec = StreamingDecomposer(
         n_components, percentile=percentile, kind=kind, standardize=standardize,
         backend=backend, seed=seed, oversample=oversample, **kwargs,
     )
     fresh = _passes(batches, dec.n_passes)
-    if standardize:
+    empty = UsageError("no tokens to decompose (every batch was empty); check the data and the padding mask")
+    if dec.fold_stats:
         for b in fresh():
-            dec.update_stats(b)
-        if dec.stats_.count_ == 0:
-            raise UsageError("no tokens to decompose (every batch was empty); check the data and the padding mask")
-    for b in fresh():
-        dec.update_pca(b)
+            dec.update(b)
+    else:
+        if standardize:
+            for b in fresh():
+                dec.update_stats(b)
+            if dec.stats_.count_ == 0:
+                raise empty
+        for b in fresh():
+            dec.update_pca(b)
     if dec.pca_ is None or dec.pca_.get_state().n_samples_seen_ == 0:
-        raise UsageError("no tokens to decompose (every batch was empty); check the data and the padding mask")
+        raise empty
+    if dec.fold_stats:
+        dec.merge(lambda state: [state])
     Z = [dec.project(b) for b in fresh()] if kind == "temporal" else None
     return dec.finish(Z)

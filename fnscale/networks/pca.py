@@ -349,6 +349,30 @@ class IncrementalPCA:
         n, mean, s, v, m2 = self._native
         self._native = _combine(self._ops, (n, mean, s[:, None] * v, m2), b, self.keep)
 
+    def rescale(self, scale) -> IncrementalPCA:
+        """Switch to a new per-neuron `scale` (no `shift`), converting the state to it.
+
+        Rows seen so far were fitted as x * old; multiplying the state's mean and its S V rows by
+        r = scale / old column-wise gives the state of x * scale, exactly when nothing was truncated.
+        With truncation the error is bounded by max(r)^2 times the discarded energy: the running
+        standardisation of `StreamingDecomposer(fold_stats=True)` relies on this. `total_m2_` becomes
+        an estimate (the caller that knows the exact value sets it).
+        """
+        if self._cuml is not None or self._shift is not None:
+            raise RuntimeError("rescale needs the numpy or torch backend and no shift")
+        new = self._ops.asarray(scale)
+        if self._native is not None:
+            n, mean, s, v, m2 = self._native
+            old = self._scale if self._scale is not None else new * 0 + 1
+            r = new / (old + (old == 0)) * (old != 0)  # a neuron zeroed before stays zero
+            sv = (s[:, None] * v) * r
+            kept = float((sv * sv).sum())
+            s2, v2 = _top_svd(self._ops, sv, self.keep)
+            resid = max(m2 - float((s * s).sum()), 0.0) * float((r * r).mean())
+            self._native = (n, mean * r, s2, v2, kept + resid)
+        self._scale = new
+        return self
+
     # -- state
 
     def get_state(self) -> PCAState:
