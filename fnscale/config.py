@@ -95,6 +95,8 @@ class TrainConfig:
     compact: str = opt("auto", "compact preserve: compute the MLP over kept neurons only (auto: preserve with < 50% kept)", ["auto", "on", "off"])
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
+    # distribution
+    ddp_timeout: int = opt(1800, "seconds a rank waits in a collective for a live but silent peer (a dead peer or a failed save is noticed at once)")
 
 
 @dataclass
