@@ -67,9 +67,13 @@ def train(ctx, config_file, **values):
 
     Runs as is on one device, or under `accelerate launch` for DDP and DeepSpeed ZeRO.
     """
+    from fnscale.preflight import check_train_options
+
+    cfg = load_config(TrainConfig, ctx, config_file, values)
+    check_train_options(cfg)  # mask and template mistakes in about a second, before torch is imported
     from fnscale.train import train as run_train
 
-    summary = run_train(load_config(TrainConfig, ctx, config_file, values))
+    summary = run_train(cfg)
     if _is_main():
         click.echo("\nrun summary")
         for k, v in summary.items():

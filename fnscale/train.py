@@ -30,9 +30,9 @@ from fnscale.config import TrainConfig
 from fnscale.distributed import check_quantized_launch, make_accelerator, raise_if_any_failed, zero3_init_disabled, zero_stage
 from fnscale.errors import Interrupted, RunError, UsageError
 from fnscale.hub import push_folder
-from fnscale.masking.preflight import check_mask_options, check_template_fits_config
 from fnscale.masking.setup import setup_masks
 from fnscale.metrics import MetricsLog
+from fnscale.preflight import check_mask_options, check_template_fits_config, check_train_options
 from fnscale.scoring import RetentionProbe, sharded_loss
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     validate(cfg)
     for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
         data.check_source(source)
+    check_train_options(cfg)  # the CLI runs it before importing torch; callers of train() get it here
     templates = check_mask_options(cfg)
     out = Path(cfg.output_dir)
     log_with = trackers.log_with(cfg.report_to, out)
@@ -169,7 +170,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     _check_writable(out, accelerator)
     if templates is not None:  # config.json only: a template for another model is refused before the weights load
         with accelerator.main_process_first():
-            check_template_fits_config(templates, models.resolve_model(cfg.model, cfg.gguf_file).path, cfg.trust_remote_code)
+            check_template_fits_config(templates, models.resolve_model(cfg.model, cfg.gguf_file).path)
     set_seed(cfg.seed)
 
     # Model, data and (optionally) functional-network masks, built from templates or computed on the training data.
@@ -242,8 +243,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--learning-rate must be positive")
     if cfg.mask_mode == "none" and (cfg.ica_template_path or cfg.ica_component_ids):
         raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
-    if cfg.ddp_timeout < 10:
-        raise UsageError(f"--ddp-timeout {cfg.ddp_timeout} is too short for any collective; use at least 10 seconds")
     if not 0 < cfg.ica_percentile < 100:
         raise UsageError(f"--ica-percentile {cfg.ica_percentile} must be between 0 and 100 (exclusive)")
 

@@ -85,6 +85,7 @@ def _logged_steps(out) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_checkpoints_and_exits_130_then_auto_resume_continues(tiny_llama, sft_file, tmp_path):
     out = tmp_path / "run"
     env = clean_env()
@@ -160,7 +161,8 @@ def test_save_failure_on_the_main_process_ends_every_rank_with_its_message(tiny_
     errors = [line for line in res.stdout.splitlines() if line.startswith("error:")]
     assert any("No space left on device (injected" in e and "rank 0 failed" not in e for e in errors), res.stdout[-4000:]  # rank 0's own
     assert any(e.startswith("error: rank 0 failed while saving the final model:") and "No space left" in e for e in errors), res.stdout[-4000:]
-    assert not (out / "final").exists() and "Traceback" not in res.stdout
+    assert not (out / "final").exists()
+    assert "fnscale/train.py" not in res.stdout  # one line per rank, no worker traceback (the launcher prints its own ChildFailedError)
 
 
 @pytest.mark.slow

@@ -23,23 +23,10 @@ from fnscale.masking.apply import apply_masks
 from fnscale.masking.build import build_masks
 from fnscale.masking.guard import protect_masked_weights
 from fnscale.mlp import find_mlp_layers, unwrap
-from fnscale.networks.capture import parse_layers
 from fnscale.networks.templates import Templates
+from fnscale.preflight import parse_component_ids, parse_layers  # noqa: F401  (parse_component_ids: imported from here too)
 
 log = logging.getLogger(__name__)
-
-
-def parse_component_ids(spec: str | None) -> list[int]:
-    """`0,3` or the reference's `[0, 3]` -> [0, 3]."""
-    if spec is None or not str(spec).strip("[] "):
-        raise UsageError("--mask-mode needs --ica-component-ids, e.g. 0,3")
-    try:
-        ids = [int(p) for p in str(spec).strip("[] ").split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3") from None
-    if any(i < 0 for i in ids):
-        raise UsageError(f"component ids must be >= 0, got {spec!r}")
-    return ids
 
 
 def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
