@@ -38,6 +38,10 @@ class FnscaleGroup(click.Group):
             if ctx.params.get("debug"):
                 raise
             raise UserError(str(err), err.exit_code) from err
+        except KeyboardInterrupt as err:  # a second Ctrl-C (the first one checkpoints): stop at once
+            if ctx.params.get("debug"):
+                raise
+            raise UserError("interrupted; nothing saved since the last checkpoint (resume with --resume-from-checkpoint auto)", 130) from err
         except (MemoryError, RuntimeError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if ctx.params.get("debug") or not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
                 raise
@@ -63,9 +67,13 @@ def train(ctx, config_file, **values):
 
     Runs as is on one device, or under `accelerate launch` for DDP and DeepSpeed ZeRO.
     """
+    from fnscale.preflight import check_train_options
+
+    cfg = load_config(TrainConfig, ctx, config_file, values)
+    check_train_options(cfg)  # mask and template mistakes in about a second, before torch is imported
     from fnscale.train import train as run_train
 
-    summary = run_train(load_config(TrainConfig, ctx, config_file, values))
+    summary = run_train(cfg)
     if _is_main():
         click.echo("\nrun summary")
         for k, v in summary.items():
@@ -93,4 +101,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cli.main(args=argv, prog_name="fnscale")
+    try:
+        cli.main(args=argv, prog_name="fnscale")
+    finally:  # success or error: release the process group so each rank exits with its own status
+        from fnscale.distributed import shutdown
+
+        shutdown()

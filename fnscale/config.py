@@ -107,6 +107,8 @@ class TrainConfig:
     mask_control_seed: int | None = opt(None, "seed of the --mask-control random draw (default: --seed)")
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
+    # distribution
+    ddp_timeout: int = opt(1800, "seconds a rank waits in a collective for a live but silent peer (a dead peer or a failed save is noticed at once)")
 
 
 @dataclass

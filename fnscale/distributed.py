@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # The checkout that holds launch_configs/ (an editable install); relative DeepSpeed JSON paths fall back to it.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TIMEOUT_S = 1800  # collectives wait this long for a live peer (a first GGUF conversion or a large ZeRO-3 save can take minutes)
 
 
 def _truthy(name: str) -> bool:
@@ -119,11 +120,12 @@ def _auto_deepspeed_precision() -> None:
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | None = None, log_with: str | None = None,
-                     max_grad_norm: float | None = None):
+                     max_grad_norm: float | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
     """An Accelerator whose process group uses gloo on CPU (NCCL cannot run there), seeded data order.
 
     Under DeepSpeed, clipping happens inside the engine: `max_grad_norm` fills the config's "auto"
     gradient_clipping (Accelerate would otherwise put 1.0 there whatever the run asked for).
+    `timeout_s` bounds every collective (--ddp-timeout): a rank stuck in a live but silent peer gives up after it.
     """
     check_launch_env()
     from accelerate import Accelerator
@@ -135,7 +137,7 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
     cpu = _use_cpu()
     kwargs, force_cpu = [], False
     if multi:
-        kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else None, timeout=timedelta(minutes=30))]
+        kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else None, timeout=timedelta(seconds=timeout_s))]
         if cpu and _requested_deepspeed():
             # Accelerate skips DeepSpeed entirely when it believes it runs on CPU; DeepSpeed picks its CPU accelerator itself.
             os.environ["ACCELERATE_USE_CPU"] = "false"
@@ -284,3 +286,46 @@ def zero3_gathering(model, accelerator, micro_batch_size: int = 1):
         yield model
     finally:
         engine.destroy()
+
+
+# ---------------------------------------------------------------- clean exits and failures every rank agrees on
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one was initialised (success or error), so each process exits with
+    its own status: an undestroyed gloo/NCCL group is torn down during interpreter exit, with its worker threads
+    still joinable, which can abort a finished rank ("terminate called without an active exception", SIGABRT)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to destroy (`fnscale --help`)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as err:  # a group already broken by a dead peer: nothing left to release
+        log.debug("destroy_process_group: %s", err)
+
+
+def _describe_error(err: BaseException) -> str:
+    from fnscale.errors import FnscaleError
+
+    return str(err) if isinstance(err, FnscaleError) else f"{type(err).__name__}: {err}"
+
+
+def raise_if_any_failed(accelerator, error: BaseException | None, what: str) -> None:
+    """A status exchange in place of a barrier: every rank learns whether one failed during `what`, and all raise.
+
+    The failing rank re-raises its own error (its exit code and message); the others raise a RunError that quotes
+    it, so no rank waits on a peer that is exiting. With one process the error is simply re-raised.
+    """
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        statuses = [None] * accelerator.num_processes
+        dist.all_gather_object(statuses, None if error is None else _describe_error(error))
+        failed = [(rank, msg) for rank, msg in enumerate(statuses) if msg is not None]
+        if failed and error is None:
+            rank, msg = failed[0]
+            raise RunError(f"rank {rank} failed while {what}: {msg}")
+    if error is not None:
+        raise error

@@ -82,15 +82,25 @@ def corpus_loss(model, items: list[dict], batch_size: int, pad_id: int, device) 
     return loss_stats(total, count)
 
 
-def loader_loss(model, loader, accelerator) -> float:
-    """Mean loss per scored token over a (prepared) data loader, summed over all ranks; the model is left in train mode."""
+def reduced_sums(model, bs: list[dict], accelerator, device) -> tuple[float, int]:
+    """(NLL sum, tokens) over all of `bs`, each batch scored once by one rank (round-robin), summed over ranks."""
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    total, count, _ = shard_sums(model, bs, rank, world, device)
+    if world > 1:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        total, count = accelerator.reduce(sums, reduction="sum").tolist()
+    return total, int(count)
+
+
+def sharded_loss(model, bs: list[dict], accelerator) -> float:
+    """Mean loss per scored token over `bs`, the same figure on any number of ranks (no even-batches padding:
+    every sample counts once); the model is left in train mode."""
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # NLL sum, token count
-    for batch in loader:
-        nll, n = nll_sum(model, batch, accelerator.device)
-        sums += torch.tensor([nll, n], dtype=torch.float64, device=accelerator.device)
-    model.train()
-    total, count = accelerator.reduce(sums, reduction="sum").tolist()
+    try:
+        total, count = reduced_sums(model, bs, accelerator, accelerator.device)
+    finally:
+        model.train()
     return total / count if count > 0 else float("nan")
 
 
@@ -149,19 +159,13 @@ class RetentionProbe:
 
     def measure(self, model, accelerator=None, prefix: str = "retention") -> dict[str, float]:
         """{prefix}_loss/<name> and {prefix}_ppl/<name> per corpus; the model's train/eval mode is restored."""
-        rank = accelerator.process_index if accelerator is not None else 0
-        world = accelerator.num_processes if accelerator is not None else 1
         device = accelerator.device if accelerator is not None else model_device(model)
         was_training = model.training
         model.eval()
         out = {}
         try:
             for name, bs in self.batches.items():
-                total, count, _ = shard_sums(model, bs, rank, world, device)
-                if world > 1:
-                    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-                    total, count = accelerator.reduce(sums, reduction="sum").tolist()
-                stats = loss_stats(total, int(count))
+                stats = loss_stats(*reduced_sums(model, bs, accelerator, device))
                 out[f"{prefix}_loss/{name}"] = stats["loss"]
                 out[f"{prefix}_ppl/{name}"] = stats["ppl"]
         finally:

@@ -28,13 +28,14 @@ from fnscale import attention, checkpoints, data, models, trackers
 from fnscale.atomic import atomic_dir, write_json
 from fnscale.config import TrainConfig
 from fnscale.data import packing
-from fnscale.distributed import check_quantized_launch, make_accelerator, zero3_init_disabled, zero_stage
-from fnscale.errors import RunError, UsageError
+from fnscale.distributed import check_quantized_launch, make_accelerator, raise_if_any_failed, zero3_init_disabled, zero_stage
+from fnscale.errors import Interrupted, RunError, UsageError
 from fnscale.hub import push_folder
-from fnscale.masking.setup import check_mask_options, setup_masks
+from fnscale.masking.setup import setup_masks
 from fnscale.masking.update import freeze_outside_mlps
 from fnscale.metrics import MetricsLog
-from fnscale.scoring import RetentionProbe, loader_loss
+from fnscale.preflight import check_template_fits_config, check_train_options
+from fnscale.scoring import RetentionProbe, sharded_loss
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +122,21 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig) -> dict[str, str
     out = Path(cfg.output_dir)
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; collective on every rank
     unwrapped = accelerator.unwrap_model(model)
-    paths = {}
+    paths, error = {}, None
     if accelerator.is_main_process:
-        if state_dict is None or not state_dict:
-            raise RunError("the gathered model state is empty; with ZeRO-3 set zero3_save_16bit_model: true in the DeepSpeed config")
-        with atomic_dir(out / "final") as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        paths["final"] = str(out / "final")
-        if cfg.lora and cfg.merge_adapter:
-            with zero3_init_disabled(accelerator):  # only this rank loads the base: no collective ZeRO-3 partitioning
-                paths["merged"] = str(merge_adapter(cfg, out / "final", out / "merged"))
-    accelerator.wait_for_everyone()
+        try:
+            if state_dict is None or not state_dict:
+                raise RunError("the gathered model state is empty; with ZeRO-3 set zero3_save_16bit_model: true in the DeepSpeed config")
+            with atomic_dir(out / "final") as tmp:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+            paths["final"] = str(out / "final")
+            if cfg.lora and cfg.merge_adapter:
+                with zero3_init_disabled(accelerator):  # only this rank loads the base: no collective ZeRO-3 partitioning
+                    paths["merged"] = str(merge_adapter(cfg, out / "final", out / "merged"))
+        except Exception as err:  # every rank hears of it below instead of waiting at a barrier
+            error = err
+    raise_if_any_failed(accelerator, error, "saving the final model")
     return paths
 
 
@@ -160,10 +164,14 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     validate(cfg)
     for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
         data.check_source(source)
+    templates = check_train_options(cfg)  # the CLI runs it before importing torch; callers of train() get it here
     out = Path(cfg.output_dir)
     log_with = trackers.log_with(cfg.report_to, out)
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm)
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm, timeout_s=cfg.ddp_timeout)
     _check_writable(out, accelerator)
+    if templates is not None:  # config.json only: a template for another model is refused before the weights load
+        with accelerator.main_process_first():
+            check_template_fits_config(templates, models.resolve_model(cfg.model, cfg.gguf_file).path)
     set_seed(cfg.seed)
 
     # Model, data and (optionally) functional-network masks, built from templates or computed on the training data.
@@ -180,7 +188,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, masker.no_decay_params() if masker is not None else None)
     scheduler = make_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+    # The validation loader stays unprepared: `sharded_loss` deals its batches to ranks itself, each sample once.
 
     # Retention before training: on the unmasked base, before masks go on and before any resume.
     retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size) if cfg.eval_retention else None
@@ -211,7 +219,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
                "output_dir": str(out), "examples": sft.counts}
     if progress.stopped_by_signal:
         summary["stopped"] = "signal"
-        accelerator.print(f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto")
+        if not stop.interrupted:
+            accelerator.print(f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto")
     else:
         summary.update(trainer.final_scores(progress.step, retention))
         summary.update(save_final(accelerator, model, tokenizer, cfg))
@@ -219,6 +228,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
         summary["tokens_per_s"] = round(progress.tokens_total / max(1e-9, summary["train_time_s"]), 1)
         _publish(accelerator, cfg, summary)
     accelerator.end_training()
+    if progress.stopped_by_signal and stop.interrupted:  # Ctrl-C: exit 130, like any interrupted command
+        raise Interrupted(f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same command and --resume-from-checkpoint auto")
     return summary
 
 
@@ -238,7 +249,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
     if not 0 < cfg.ica_percentile < 100:
         raise UsageError(f"--ica-percentile {cfg.ica_percentile} must be between 0 and 100 (exclusive)")
-    check_mask_options(cfg)
     attention.check(cfg.attn_implementation, cfg.packing, cfg.group_by_length, cfg.dtype)
 
 
@@ -349,6 +359,7 @@ class Trainer:
         self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
         self.train_loader, self.val_loader, self.masker, self.metrics, self.total_steps = train_loader, val_loader, masker, metrics, total_steps
         self.window = LogWindow()  # reopened when the loop starts
+        self._val_batches = None  # the validation batches, collated once
 
     def run(self, progress: Progress, stop: StopRequested, bar) -> None:
         """Epochs of micro-batches until `total_steps`, or until a stop signal; `progress` is updated in place."""
@@ -437,7 +448,10 @@ class Trainer:
         self.window = LogWindow()
 
     def evaluate(self) -> float:
-        return loader_loss(self.model, self.val_loader, self.accelerator)
+        """Validation loss per scored token: each sample counted once, whatever the number of ranks."""
+        if self._val_batches is None:
+            self._val_batches = list(self.val_loader)
+        return sharded_loss(self.model, self._val_batches, self.accelerator)
 
     def final_scores(self, step: int, retention: RetentionProbe | None) -> dict:
         """Validation loss, then the masks come off (the saved model runs unmasked) and retention is measured after training."""
@@ -499,14 +513,16 @@ def _publish(accelerator, cfg: TrainConfig, summary: dict) -> None:
 
 
 class StopRequested:
-    """SIGTERM/SIGUSR1 (SLURM pre-emption) set a flag; the loop checkpoints and exits cleanly at the next step."""
+    """SIGTERM/SIGUSR1 (SLURM pre-emption) and a first Ctrl-C set a flag; the loop finishes its step, checkpoints
+    and exits. A second Ctrl-C gets Python's default handler back: KeyboardInterrupt, at once."""
 
     def __init__(self):
         self.flag = False
+        self.interrupted = False  # the stop came from SIGINT (Ctrl-C): the command exits 130
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not in the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -514,6 +530,10 @@ class StopRequested:
     def _handle(self, signum, frame):
         log.warning("received signal %s: checkpointing and exiting", signal.Signals(signum).name)
         self.flag = True
+        if signum == signal.SIGINT:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("press Ctrl-C again to stop at once, without a checkpoint")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

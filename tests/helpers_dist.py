@@ -3,7 +3,8 @@
 Run as a script (`accelerate launch ... tests/helpers_dist.py train ...`) it is `fnscale train` with a probe:
 each rank writes `$FNSCALE_TEST_TRACE/rank<R>.json` with what it trained on (the non-padding token rows
 of every training forward), its distributed type, and a hash of its parameters at the end, so a test can
-check sharding and that the ranks stayed identical.
+check sharding and that the ranks stayed identical. FNSCALE_TEST_FAIL_SAVE_RANK=<R> makes rank R's final save fail
+with a full disk, so a test can check that every rank hears of it and exits.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def _probe_main() -> None:
     import hashlib
     import logging
 
+    from fnscale.distributed import shutdown
+    from fnscale.errors import FnscaleError
     from fnscale.train import build_model, save_final, train
 
     logging.basicConfig(level=logging.INFO)
@@ -163,9 +166,32 @@ def _probe_main() -> None:
             "rank": accelerator.process_index, "world": accelerator.num_processes,
             "distributed_type": accelerator.distributed_type.value, "examples": seen, "params_sha256": digest.hexdigest(),
         }))
+        if os.environ.get("FNSCALE_TEST_FAIL_SAVE_RANK") == str(accelerator.process_index):
+            _fail_model_writes()
         return save_final(accelerator, model, tokenizer, cfg)
 
-    train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
+    try:
+        train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
+    except FnscaleError as err:  # as the CLI reports it: one line, the error's exit code
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    finally:
+        shutdown()
+
+
+def _fail_model_writes() -> None:
+    """This process's model saves write their files, then fail with a full disk (inside `save_final`'s main-only part)."""
+    import errno
+
+    import transformers
+
+    real = transformers.PreTrainedModel.save_pretrained
+
+    def full_disk(self, path, *a, **k):
+        real(self, path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device (injected by the test)")
+
+    transformers.PreTrainedModel.save_pretrained = full_disk
 
 
 if __name__ == "__main__":

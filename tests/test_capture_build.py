@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from fnscale.errors import UsageError
 from fnscale.networks.build import build_templates
-from fnscale.networks.capture import ActivationCapture, parse_layers
+from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.templates import Templates
+from fnscale.preflight import parse_layers
 
 
 def test_parse_layers():

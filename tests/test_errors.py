@@ -28,6 +28,8 @@ def files(tmp_path_factory, tiny_llama, sft_file):
     Templates(layers=[0, 1, 2], neurons_per_layer=64, components={0: {0: [1]}}).save(d / "three_layers.json")
     Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: [1, 2]}, 1: {1: [3]}}).save(d / "ok.json")
     Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: list(range(64)), 1: list(range(64))}}).save(d / "all.json")
+    Templates(layers=[0, 1], neurons_per_layer=32, components={0: {0: [1]}}).save(d / "narrow.json")
+    Templates(layers=[0], neurons_per_layer=64, components={0: {0: [1]}}, num_layers=2).save(d / "layer0.json")
     import gguf
 
     w = gguf.GGUFWriter(str(d / "odd.gguf"), "fnscalefake")
@@ -71,6 +73,13 @@ CASES = [
     ("templates bad percentile", lambda f: ["templates", "build", f["model"], f["data"], "--percentile", "0"], 2, "between 0 and 100"),
     ("templates show missing", lambda f: ["templates", "show", str(f["dir"] / "no.json")], 2, "not found"),
     ("unknown yaml option", lambda f: _train(f, "--config", str(f["dir"] / "c.yaml")), 2, "unknown option"),
+    # checked before the model loads (issue 14): the options, the template file, then the model's config.json
+    ("mask without ids", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "ok.json")), 2, "--ica-component-ids"),
+    ("layers outside template", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "layer0.json"), "--ica-component-ids", "0",
+                                                 "--ica-layers", "0-1"), 2, "does not cover"),
+    ("template width", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "narrow.json"), "--ica-component-ids", "0"), 2,
+     "model has 2 layers × 64 neurons"),
+    ("ddp timeout too short", lambda f: _train(f, "--ddp-timeout", "1"), 2, "--ddp-timeout"),
 ]
 
 

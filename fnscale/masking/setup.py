@@ -26,24 +26,11 @@ from fnscale.masking.build import build_masks
 from fnscale.masking.guard import masked_slices, protect_masked_weights
 from fnscale.masking.update import GradientHold
 from fnscale.mlp import find_mlp_layers, unwrap
-from fnscale.networks.capture import parse_layers
 from fnscale.networks.controls import random_like
 from fnscale.networks.templates import Templates
+from fnscale.preflight import parse_component_ids, parse_layers
 
 log = logging.getLogger(__name__)
-
-
-def parse_component_ids(spec: str | None) -> list[int]:
-    """`0,3` or the reference's `[0, 3]` -> [0, 3]."""
-    if spec is None or not str(spec).strip("[] "):
-        raise UsageError("--mask-mode needs --ica-component-ids, e.g. 0,3")
-    try:
-        ids = [int(p) for p in str(spec).strip("[] ").split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3") from None
-    if any(i < 0 for i in ids):
-        raise UsageError(f"component ids must be >= 0, got {spec!r}")
-    return ids
 
 
 def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
@@ -149,16 +136,3 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
     return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free, hold)
 
 
-def check_mask_options(cfg) -> None:
-    """Cheap checks of the masking options that need no model (one-line UsageErrors)."""
-    if cfg.mask_mode == "none":
-        given = [flag for flag, on in (("--mask-effect", cfg.mask_effect is not None), ("--mask-control", cfg.mask_control != "none")) if on]
-        if given:
-            raise UsageError(f"{'/'.join(given)} need(s) --mask-mode lesion or preserve (and templates to mask)")
-    if cfg.mask_control_seed is not None and cfg.mask_control != "random":
-        raise UsageError("--mask-control-seed seeds the random control; add --mask-control random")
-    if (cfg.mask_effect or "update") == "update" and (cfg.mask_kernel == "triton" or cfg.compact == "on"):
-        raise UsageError(
-            "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing is masked "
-            "in the forward pass; add --mask-effect forward or drop them"
-        )

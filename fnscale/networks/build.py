@@ -19,10 +19,11 @@ from fnscale.config import TemplatesBuildConfig
 from fnscale.distributed import broadcast_from_main
 from fnscale.errors import UsageError
 from fnscale.networks import cache
-from fnscale.networks.capture import ActivationCapture, parse_layers
+from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.decompose import StreamingDecomposer
 from fnscale.networks.stats import torch_all_gather
 from fnscale.networks.templates import Templates
+from fnscale.preflight import parse_layers
 
 log = logging.getLogger(__name__)
 

@@ -13,23 +13,6 @@ from fnscale.errors import UsageError
 from fnscale.mlp import SITES, find_mlp_layers
 
 
-def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """`0-7,12` -> [0, 1, ..., 7, 12]; None or `all` -> every layer."""
-    if spec is None or str(spec).strip().lower() in ("", "all"):
-        return list(range(num_layers))
-    out: list[int] = []
-    try:
-        for part in str(spec).split(","):
-            lo, sep, hi = part.strip().partition("-")
-            out.extend(range(int(lo), (int(hi) if sep else int(lo)) + 1))
-    except ValueError:
-        raise UsageError(f"bad layer spec {spec!r}; use e.g. 0-7,12") from None
-    bad = [i for i in out if not 0 <= i < num_layers]
-    if bad or not out:
-        raise UsageError(f"layers {bad or spec} out of range for a model with {num_layers} layers (0-{num_layers - 1})")
-    return sorted(set(out))
-
-
 class ActivationCapture:
     """Context manager: while active, `run(batch)` returns tokens x (layers*width) float32 activations."""
 

@@ -1,0 +1,102 @@
+"""Checks that need no model, run before torch is even imported: a mistake costs a second, not a model load.
+
+`check_mask_options` needs no model (ids given, template file readable, ids and --ica-layers within the
+template); `check_template_fits_config` reads only the model's config.json (no weights) and compares the
+template's layer count and width with it. Each refusal is one UsageError line. No torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fnscale.errors import UsageError
+from fnscale.networks.templates import Templates
+
+
+def parse_component_ids(spec: str | None) -> list[int]:
+    """`0,3` or the reference's `[0, 3]` -> [0, 3]."""
+    if spec is None or not str(spec).strip("[] "):
+        raise UsageError("--mask-mode needs --ica-component-ids, e.g. 0,3")
+    try:
+        ids = [int(p) for p in str(spec).strip("[] ").split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3") from None
+    if any(i < 0 for i in ids):
+        raise UsageError(f"component ids must be >= 0, got {spec!r}")
+    return ids
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list[int]:
+    """`0-7,12` -> [0, 1, ..., 7, 12]; None or `all` -> every layer."""
+    if spec is None or str(spec).strip().lower() in ("", "all"):
+        return list(range(num_layers))
+    out: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), (int(hi) if sep else int(lo)) + 1))
+    except ValueError:
+        raise UsageError(f"bad layer spec {spec!r}; use e.g. 0-7,12") from None
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad or not out:
+        raise UsageError(f"layers {bad or spec} out of range for a model with {num_layers} layers (0-{num_layers - 1})")
+    return sorted(set(out))
+
+
+def check_train_options(cfg) -> Templates | None:
+    """Everything `fnscale train` can refuse before importing torch: the mask options, and the template against
+    config.json when --model is a local folder (other sources are checked once resolved, still before the weights)."""
+    if cfg.ddp_timeout < 10:
+        raise UsageError(f"--ddp-timeout {cfg.ddp_timeout} is too short for any collective; use at least 10 seconds")
+    templates = check_mask_options(cfg)
+    if templates is not None and cfg.model and not cfg.gguf_file and (Path(cfg.model).expanduser() / "config.json").is_file():
+        check_template_fits_config(templates, str(Path(cfg.model).expanduser()))
+    return templates
+
+
+def check_mask_combinations(cfg) -> None:
+    """Masking options that only make sense together (--mask-effect, --mask-control, forward-only kernels)."""
+    if cfg.mask_mode == "none":
+        given = [flag for flag, on in (("--mask-effect", cfg.mask_effect is not None), ("--mask-control", cfg.mask_control != "none")) if on]
+        if given:
+            raise UsageError(f"{'/'.join(given)} need(s) --mask-mode lesion or preserve (and templates to mask)")
+    if cfg.mask_control_seed is not None and cfg.mask_control != "random":
+        raise UsageError("--mask-control-seed seeds the random control; add --mask-control random")
+    if (cfg.mask_effect or "update") == "update" and (cfg.mask_kernel == "triton" or cfg.compact == "on"):
+        raise UsageError(
+            "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing is masked "
+            "in the forward pass; add --mask-effect forward or drop them"
+        )
+
+
+def check_mask_options(cfg) -> Templates | None:
+    """The template a masked run will use, validated against the options; None when masks are off or computed."""
+    check_mask_combinations(cfg)
+    if cfg.mask_mode == "none":
+        return None
+    ids = parse_component_ids(cfg.ica_component_ids)
+    if not cfg.ica_template_path:
+        return None  # templates are computed on the training data: ids and layers are checked once they exist
+    templates = Templates.load(cfg.ica_template_path)
+    templates.component_neurons(ids)  # refuses ids the template does not have
+    if cfg.ica_layers:
+        top = templates.num_layers or max(templates.layers) + 1
+        chosen = parse_layers(cfg.ica_layers, top)
+        outside = sorted(set(chosen) - set(templates.layers))
+        if outside:
+            raise UsageError(f"--ica-layers {cfg.ica_layers} names layers {outside} that the template does not cover (it has {templates.layers})")
+    return templates
+
+
+def check_template_fits_config(templates: Templates, model_path: str) -> None:
+    """Layer count and width from config.json alone; a config without them (or a hub id) is left to the model load."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a hub id or an unreadable file: the model load reports it, and the template is checked after it
+    config = config.get("text_config") or config
+    num_layers = config.get("num_hidden_layers")
+    width = config.get("intermediate_size" if templates.site == "intermediate" else "hidden_size")
+    if isinstance(num_layers, int) and isinstance(width, int):
+        templates.check_compatible(num_layers, width, templates.site)
