@@ -313,28 +313,16 @@ def _passes(batches, n_passes: int) -> Callable[[], Iterable]:
     return lambda: batches
 
 
-def decompose(
-    batches,
-    n_components: int,
-    percentile: float = 98.0,
-    kind: str = "temporal",
-    standardize: bool = True,
-    backend: str = "auto",
-    seed: int = 0,
-    oversample: int = 10,
-    **kwargs,
-) -> Decomposition:
+def decompose(batches, n_components: int, percentile: float = 98.0, kind: str = "temporal", **options) -> Decomposition:
     """Find `n_components` functional networks in activations streamed as 2-D batches.
 
     `batches`: a list/re-iterable of (tokens x neurons) numpy arrays or torch tensors, or a
     zero-arg function returning a fresh iterable (needed for generators: up to 3 passes).
-    Extra keyword arguments (device, chunk_size, max_iter, tol, fold_stats) go to `StreamingDecomposer`;
-    `fold_stats=True` runs 2 passes instead of 3 (statistics folded into the PCA pass).
+    `options` are `StreamingDecomposer`'s (standardize, backend, seed, oversample, device, chunk_size,
+    max_iter, tol, fold_stats); `fold_stats=True` runs 2 passes instead of 3 (statistics folded into the PCA pass).
     """
-    dec = StreamingDecomposer(
-        n_components, percentile=percentile, kind=kind, standardize=standardize,
-        backend=backend, seed=seed, oversample=oversample, **kwargs,
-    )
+    dec = StreamingDecomposer(n_components, percentile=percentile, kind=kind, **options)
+    standardize = dec.standardize
     fresh = _passes(batches, dec.n_passes)
     empty = UsageError("no tokens to decompose (every batch was empty); check the data and the padding mask")
     if dec.fold_stats:

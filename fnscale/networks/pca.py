@@ -267,6 +267,11 @@ def resolve_backend(backend: str) -> str:
     return name
 
 
+def _top_of_state(name: str) -> property:
+    """A fitted attribute: the first n_components rows of the state's `name` (the state keeps the oversampled extra)."""
+    return property(lambda self: getattr(self._fitted(), name)[: self.n_components])
+
+
 class IncrementalPCA:
     """Streaming PCA keeping k' = n_components + oversample directions.
 
@@ -419,21 +424,10 @@ class IncrementalPCA:
     def mean_(self) -> np.ndarray:
         return self._fitted().mean_
 
-    @property
-    def components_(self) -> np.ndarray:
-        return self._fitted().components_[: self.n_components]
-
-    @property
-    def singular_values_(self) -> np.ndarray:
-        return self._fitted().singular_values_[: self.n_components]
-
-    @property
-    def explained_variance_(self) -> np.ndarray:
-        return self._fitted().explained_variance_[: self.n_components]
-
-    @property
-    def explained_variance_ratio_(self) -> np.ndarray:
-        return self._fitted().explained_variance_ratio_[: self.n_components]
+    components_ = _top_of_state("components_")
+    singular_values_ = _top_of_state("singular_values_")
+    explained_variance_ = _top_of_state("explained_variance_")
+    explained_variance_ratio_ = _top_of_state("explained_variance_ratio_")
 
     # -- projection (pass 3)
 
