@@ -255,37 +255,45 @@ def check_quantized_launch(accelerator, load_in_4bit: bool, load_in_8bit: bool, 
 
 
 @contextlib.contextmanager
-def zero3_gathering(model, accelerator, micro_batch_size: int = 1):
-    """Forwards of a ZeRO-3 partitioned `model` (loaded under zero.Init) gather each layer's parameters as they go.
+def zero3_gathering(model, accelerator):
+    """Forwards of a ZeRO-3 partitioned `model` (loaded under zero.Init) gather each module's parameters as they go.
 
-    A throw-away DeepSpeed engine without optimizer (DeepSpeed's own ZeRO-3 inference mode) installs its
-    parameter-fetch hooks on the modules, so `model(...)` itself runs partitioned, capture hooks included;
-    on exit the engine is destroyed and its hooks removed, so the same model can then be prepared for training.
+    Each module that owns partitioned parameters (those with a `ds_id`) gathers them in a forward pre-hook
+    (`deepspeed.zero.GatheredParameters`) and releases them in its forward hook, so `model(...)` itself runs
+    partitioned, capture hooks included, while parameters added after loading (a LoRA adapter, not yet
+    partitioned) are left as they are: the weight guard can still zero their masked slices before `prepare`.
+    No DeepSpeed engine is built, so the same model is then prepared for training as usual.
     A no-op outside ZeRO-3. Every rank must run the same number of forwards (the gathers are collective).
     """
     if zero_stage(accelerator) != 3:
         yield model
         return
-    import copy
-
     import deepspeed
 
-    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
-        cfg.pop(key, None)
-    cfg["train_micro_batch_size_per_gpu"] = max(1, int(micro_batch_size))
-    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] * accelerator.num_processes
-    for key in ("bf16", "fp16"):
-        if str(cfg.get(key, {}).get("enabled")).lower() == "auto":
-            cfg[key]["enabled"] = accelerator.mixed_precision == key
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
     held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
     total = sum(p.ds_numel for p in model.parameters() if hasattr(p, "ds_numel"))
     log.info("ZeRO-3 forward: rank %d holds %d of %d parameter elements (partitioned)", accelerator.process_index, held, total)
+    open_gathers: dict[int, list] = {}  # module id -> its entered GatheredParameters (a stack: a module may be re-entered)
+
+    def gather(module, args):
+        ctx = deepspeed.zero.GatheredParameters([p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")])
+        ctx.__enter__()
+        open_gathers.setdefault(id(module), []).append(ctx)
+
+    def release(module, args, output):
+        if open_gathers.get(id(module)):  # empty when the gather itself failed: let that error through
+            open_gathers[id(module)].pop().__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        if any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(gather, prepend=True))
+            handles.append(module.register_forward_hook(release, always_call=True))
     try:
         yield model
     finally:
-        engine.destroy()
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------- clean exits and failures every rank agrees on

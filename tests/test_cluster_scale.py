@@ -142,25 +142,52 @@ def train_flags(model: str, data, out, *extra: str) -> list[str]:
     return ["train", "--model", model, "--dataset", str(data), "--output-dir", str(out), *TRAIN, *extra]
 
 
-@pytest.mark.slow
-def test_zero3_train_computes_templates_and_keeps_masked_neurons_untouched(tiny_llama, data16, tmp_path):
-    out = tmp_path / "run"
-    masking = ["--mask-mode", "lesion", "--ica-components", "3", "--ica-component-ids", "0", "--ica-samples", "8", "--ica-percentile", "90"]
-    ok(run(launch_cmd("cpu_2proc_zero3.yaml", train_flags(tiny_llama, data16, out, "--no-lora", *masking))))
+MASKING = ["--mask-mode", "lesion", "--ica-components", "3", "--ica-component-ids", "0", "--ica-samples", "8", "--ica-percentile", "90"]
+
+
+def masked_neurons(out) -> dict[int, torch.Tensor]:
+    """Component 0 of the templates the run computed and saved, as sorted index tensors per layer."""
     neurons = Templates.load(out / "templates" / "global_templates.json").component_neurons([0])
-    base, after = load_file(f"{tiny_llama}/model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert sum(len(v) for v in neurons.values()) > 0, "nothing masked: the checks would be vacuous"
+    return {layer: torch.as_tensor(sorted(int(i) for i in chosen)) for layer, chosen in neurons.items()}
+
+
+def assert_masked_untouched(base_file: str, after_file, neurons: dict[int, torch.Tensor]) -> None:
+    """The masked slices (gate/up rows, down columns) equal the base's; something outside them trained."""
+    base, after = load_file(base_file), load_file(after_file)
     changed_kept = False
-    for layer, chosen in neurons.items():
-        masked = torch.as_tensor(sorted(int(i) for i in chosen))
+    for layer, masked in neurons.items():
         kept = torch.as_tensor(sorted(set(range(64)) - set(masked.tolist())))
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             key = f"model.layers.{layer}.mlp.{name}.weight"
             assert torch.equal(base[key].index_select(dim, masked), after[key].index_select(dim, masked)), key
             changed_kept |= not torch.equal(base[key].index_select(dim, kept), after[key].index_select(dim, kept))
-    assert sum(len(v) for v in neurons.values()) > 0 and changed_kept, "nothing masked or nothing trained: the check would be vacuous"
-    # LoRA under ZeRO-3 cannot compute them in the run: one line naming the way that works.
-    res = run(launch_cmd("cpu_2proc_zero3.yaml", train_flags(tiny_llama, data16, tmp_path / "lora", *masking)))
-    assert res.returncode != 0 and "error: templates cannot be computed inside a ZeRO-3 LoRA run" in res.stdout
+    assert changed_kept, "nothing trained: the check would be vacuous"
+
+
+@pytest.mark.slow
+def test_zero3_train_computes_templates_and_keeps_masked_neurons_untouched(tiny_llama, data16, tmp_path):
+    """Full fine-tuning and LoRA under ZeRO-3 each compute their templates in the run, from partitioned forwards.
+
+    LoRA: the adapter is added after the weights are partitioned and must stay unpartitioned until `prepare`,
+    so the guard can zero its masked slices; the merged model keeps the masked base slices bit for bit.
+    """
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    ok(run(launch_cmd("cpu_2proc_zero3.yaml", train_flags(tiny_llama, data16, full, "--no-lora", *MASKING))))
+    neurons = masked_neurons(full)
+    assert_masked_untouched(f"{tiny_llama}/model.safetensors", full / "final" / "model.safetensors", neurons)
+
+    res = ok(run(launch_cmd("cpu_2proc_zero3.yaml", train_flags(tiny_llama, data16, lora, "--merge-adapter", "--lora-dropout", "0", *MASKING))))
+    assert "ZeRO-3 forward: rank 0 holds" in res.stdout and "DEEPSPEED ZeRO-3, 2 process(es)" in res.stdout
+    # The adapter starts as a no-op (lora_B = 0): the LoRA run finds the same networks as the full fine-tuning run.
+    same_neurons(Templates.load(full / "templates" / "global_templates.json"), Templates.load(lora / "templates" / "global_templates.json"))
+    assert_masked_untouched(f"{tiny_llama}/model.safetensors", lora / "merged" / "model.safetensors", neurons)
+    adapter = load_file(lora / "final" / "adapter_model.safetensors")
+    for layer, masked in neurons.items():
+        for name, part, dim in (("gate_proj", "lora_B", 0), ("up_proj", "lora_B", 0), ("down_proj", "lora_A", 1)):
+            key = f"base_model.model.model.layers.{layer}.mlp.{name}.{part}.weight"
+            assert torch.count_nonzero(adapter[key].index_select(dim, masked)) == 0, key
+    assert any("lora_B" in k and torch.count_nonzero(t) > 0 for k, t in adapter.items()), "the adapter did not train"
 
 
 # ---------------------------------------------------------------- two machine ranks on this machine (slow)

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from fnscale.distributed import broadcast_from_main, zero3_gathering, zero_stage
-from fnscale.errors import UsageError
 from fnscale.masking.apply import apply_masks
 from fnscale.masking.build import build_masks
 from fnscale.masking.guard import masked_slices, protect_masked_weights
@@ -37,13 +36,8 @@ def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) 
     """Templates from the first --ica-samples training examples, saved in the output dir."""
     from fnscale.networks.build import build_templates
 
-    if zero_stage(accelerator) == 3 and hasattr(model, "peft_config"):
-        raise UsageError(
-            "templates cannot be computed inside a ZeRO-3 LoRA run (the adapter must be guarded before ZeRO partitions it); build them "
-            "first under the same launch config with `accelerate launch --config_file <zero3.yaml> -m fnscale templates build ...` and pass --ica-template-path"
-        )
     samples = [ex["input_ids"] for ex in sft.train[: cfg.ica_samples]]
-    with zero3_gathering(model, accelerator, cfg.batch_size):  # ZeRO-3: the partitioned model's forwards gather layer by layer
+    with zero3_gathering(model, accelerator):  # ZeRO-3: forwards gather the partitioned weights module by module, LoRA left alone
         templates = build_templates(
             model, samples, n_components=cfg.ica_components, percentile=cfg.ica_percentile, site=cfg.ica_site,
             batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed, accelerator=accelerator,

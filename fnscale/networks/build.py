@@ -179,7 +179,7 @@ def run_build(cfg: TemplatesBuildConfig) -> dict:
     sources = list(cfg.dataset) or [data.DEFAULT_DATASET]
     opts = data.DataOptions(schema=cfg.schema, template=cfg.template, prompt_column=cfg.prompt_column, response_column=cfg.response_column)
     samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed, opts)
-    with zero3_gathering(model, accelerator, cfg.batch_size):
+    with zero3_gathering(model, accelerator):
         templates = build_templates(
             model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
             kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
