@@ -32,9 +32,10 @@ def template64(tmp_path_factory):
 
 
 def _cfg(model, data, out, template, mode, effect, lora=False, **extra):
+    defaults = {"weight_decay": 0.1, "max_steps": 4, "save_steps": 0}  # `extra` may override these
     return TrainConfig(model=model, dataset=data, output_dir=str(out), max_seq_length=64, validation_split=0.0, learning_rate=5e-2,
-                       weight_decay=0.1, max_steps=4, eval_steps=0, save_steps=0, report_to="none", lora=lora, merge_adapter=lora,
-                       mask_mode=mode, mask_effect=effect, ica_template_path=template, ica_component_ids="0", seed=3, **extra)
+                       eval_steps=0, report_to="none", lora=lora, merge_adapter=lora, mask_mode=mode, mask_effect=effect,
+                       ica_template_path=template, ica_component_ids="0", seed=3, **{**defaults, **extra})
 
 
 def _masked_and_kept(mode, chosen, width):
