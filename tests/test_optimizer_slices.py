@@ -3,7 +3,7 @@
 Reference: the same run with dense gradients (`--optimizer-slices off`, gradient hooks + guard). The two compute
 the same thing in a different order (x @ W[idx].T + x @ delta.T against x @ (W + update)[idx].T), so weights agree
 to float32 rounding amplified by a few Adam steps at lr 5e-2: atol 1e-5 (measured: at most 9e-7 on Llama, 5e-6 on GPT-2,
-both in attention key weights; MLP weights within 2e-7; weights are ~0.02-1). With the deltas' decay hook disabled the
+both in attention key weights; MLP weights within 3.1e-7; weights are ~0.02-1). With the deltas' decay hook disabled the
 weight-decay case fails at 2e-4, so the tolerance does see a mismatched decay.
 """
 
@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from test_update_masks import GPT2_SLICES, LLAMA_SLICES, NEURONS, _cfg, _check_untouched, _template
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fnscale.masking.setup import setup_masks
+from fnscale.errors import UsageError
+from fnscale.masking.setup import _use_slices, setup_masks
 from fnscale.masking.slices import DELTA
 from fnscale.train import make_optimizer, train
 
@@ -115,6 +116,14 @@ def test_forward_unchanged_and_fold_gives_a_plain_model(tiny_llama, tmp_path):
 def test_auto_turns_slices_on_below_half_kept(tiny_llama, tmp_path, mode, slices, on):
     _, masker = _setup(tiny_llama, _template(tmp_path, 64), slices, mode)
     assert (masker.deltas is not None) == on
+
+
+def test_slices_on_under_deepspeed_is_refused_and_auto_stays_off():
+    with pytest.raises(UsageError, match="not supported under DeepSpeed"):
+        _use_slices("on", "update", lora=False, deepspeed=True, kept=0.1)
+    assert not _use_slices("auto", "update", lora=False, deepspeed=True, kept=0.1)
+    assert not _use_slices("auto", "update", lora=True, deepspeed=False, kept=0.1)
+    assert not _use_slices("auto", "forward", lora=False, deepspeed=False, kept=0.1)
 
 
 def test_resumed_run_equals_uninterrupted(tiny_llama, sft_file, tmp_path):

@@ -96,7 +96,9 @@ def _logits_after_setup(model_dir, template, mode, effect, **extra):
 def test_update_masks_leave_the_forward_pass_alone(tiny_llama, template64, mode):
     plain, masked, masker = _logits_after_setup(tiny_llama, template64, mode, "update")
     assert torch.equal(plain, masked)
-    assert masker.handle is None and masker.hold.num_tensors == 6  # gate, up, down of 2 layers
+    # gate, up, down of 2 layers; preserve keeps 9 of 128 neurons, so --optimizer-slices auto freezes those tensors instead
+    assert masker.handle is None and masker.hold.num_tensors == (0 if mode == "preserve" else 6)
+    assert (masker.deltas is not None) == (mode == "preserve")
 
 
 def test_forward_masks_change_the_forward_pass_as_before(tiny_llama, template64):
@@ -172,6 +174,8 @@ def test_templates_random_cli_round_trip(template64, tmp_path):
     (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-control-seed", "3"], "add --mask-control random"),
     (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-kernel", "triton"], "add --mask-effect forward"),
     (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-effect", "forward", "--mask-kernel", "triton"], "CUDA"),
+    (["--mask-mode", "preserve", "--ica-component-ids", "0", "--optimizer-slices", "on"], "--optimizer-slices on trains slices"),  # LoRA on
+    (["--mask-mode", "preserve", "--ica-component-ids", "0", "--no-lora", "--mask-effect", "forward", "--optimizer-slices", "on"], "--no-lora"),
 ])
 def test_bad_mask_options_one_line(tiny_llama, sft_file, template64, tmp_path, capsys, extra, text):
     from fnscale.cli import main
