@@ -105,6 +105,9 @@ class TrainConfig:
     mask_control: str = opt("none", "random: mask as many neurons per layer as the chosen networks, drawn at random (a chance baseline)",
                             ["none", "random"])
     mask_control_seed: int | None = opt(None, "seed of the --mask-control random draw (default: --seed)")
+    optimizer_slices: str = opt("auto", "with --mask-effect update and full fine-tuning (one device or DDP): freeze the masked layers' dense MLP "
+                                "weights and train deltas of the trained slices only, so AdamW keeps state for those alone (auto: when "
+                                "under 50% of their neurons are kept; not under ZeRO)", ["auto", "on", "off"])
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
     # distribution

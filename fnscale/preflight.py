@@ -63,6 +63,9 @@ def check_mask_combinations(cfg) -> None:
             raise UsageError(f"{'/'.join(given)} need(s) --mask-mode lesion or preserve (and templates to mask)")
     if cfg.mask_control_seed is not None and cfg.mask_control != "random":
         raise UsageError("--mask-control-seed seeds the random control; add --mask-control random")
+    if cfg.optimizer_slices == "on" and (cfg.mask_mode == "none" or cfg.mask_effect == "forward" or cfg.lora):
+        raise UsageError("--optimizer-slices on trains slices of the dense MLP weights: it needs --mask-mode lesion/preserve, "
+                         "--mask-effect update and --no-lora (LoRA keeps no dense optimizer state); drop it or change those")
     if (cfg.mask_effect or "update") == "update" and (cfg.mask_kernel == "triton" or cfg.compact == "on"):
         raise UsageError(
             "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing is masked "

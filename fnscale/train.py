@@ -186,6 +186,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
     total_steps = _total_steps(cfg, len(train_loader), accelerator.num_processes)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, masker.no_decay_params() if masker is not None else None)
+    if masker is not None:
+        masker.bind_optimizer(optimizer)  # --optimizer-slices: the deltas' weight decay
     scheduler = make_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     # The validation loader stays unprepared: `sharded_loss` deals its batches to ranks itself, each sample once.

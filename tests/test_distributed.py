@@ -94,12 +94,13 @@ def assert_loads_and_runs(folder: Path, base: str | None = None) -> None:
     assert torch.isfinite(logits).all()
 
 
-def assert_masked_untouched(base_file: str, after_file: Path) -> None:
+def assert_masked_untouched(base_file: str, after_file: Path, mode: str = "lesion") -> None:
     base, after = load_file(base_file), load_file(after_file)
     changed_unmasked = False
     for layer, chosen in NEURONS.items():
         masked = torch.tensor(chosen)
         kept = torch.tensor(sorted(set(range(64)) - set(chosen)))
+        masked, kept = (masked, kept) if mode == "lesion" else (kept, masked)
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             key = f"model.layers.{layer}.mlp.{name}.weight"
             assert torch.equal(base[key].index_select(dim, masked), after[key].index_select(dim, masked)), key
@@ -151,6 +152,18 @@ def test_ddp_ranks_shard_data_stay_in_sync_and_write_once(ddp_full, data16):
 def test_ddp_equals_one_process(ddp_full, reference_full):
     """Same data, same global batch, same LR schedule (it steps per process) and clipping: same weights."""
     assert_same_weights(ddp_full.out / "final" / "model.safetensors", reference_full / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_optimizer_slices_equal_one_process(tiny_llama, data16, template_file, tmp_path):
+    """Preserve-update with --optimizer-slices on: the deltas are DDP-reduced like any parameter (same weights as one process)."""
+    masked = ["--no-lora", "--mask-mode", "preserve", "--ica-template-path", template_file, "--ica-component-ids", "0", "--optimizer-slices", "on"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run([sys.executable, "-m", "fnscale", *train_args(tiny_llama, data16, one, *masked, "--batch-size", "4")]))
+    res = ok(run(launch_cmd("cpu_2proc.yaml", train_args(tiny_llama, data16, two, *masked, "--batch-size", "2"))))
+    assert "optimizer state for the trained slices only" in res.stdout
+    assert_same_weights(two / "final" / "model.safetensors", one / "final" / "model.safetensors")
+    assert_masked_untouched(f"{tiny_llama}/model.safetensors", two / "final" / "model.safetensors", mode="preserve")
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO

@@ -32,9 +32,10 @@ def template64(tmp_path_factory):
 
 
 def _cfg(model, data, out, template, mode, effect, lora=False, **extra):
+    defaults = {"weight_decay": 0.1, "max_steps": 4, "save_steps": 0}  # `extra` may override these
     return TrainConfig(model=model, dataset=data, output_dir=str(out), max_seq_length=64, validation_split=0.0, learning_rate=5e-2,
-                       weight_decay=0.1, max_steps=4, eval_steps=0, save_steps=0, report_to="none", lora=lora, merge_adapter=lora,
-                       mask_mode=mode, mask_effect=effect, ica_template_path=template, ica_component_ids="0", seed=3, **extra)
+                       eval_steps=0, report_to="none", lora=lora, merge_adapter=lora, mask_mode=mode, mask_effect=effect,
+                       ica_template_path=template, ica_component_ids="0", seed=3, **{**defaults, **extra})
 
 
 def _masked_and_kept(mode, chosen, width):
@@ -95,7 +96,9 @@ def _logits_after_setup(model_dir, template, mode, effect, **extra):
 def test_update_masks_leave_the_forward_pass_alone(tiny_llama, template64, mode):
     plain, masked, masker = _logits_after_setup(tiny_llama, template64, mode, "update")
     assert torch.equal(plain, masked)
-    assert masker.handle is None and masker.hold.num_tensors == 6  # gate, up, down of 2 layers
+    # gate, up, down of 2 layers; preserve keeps 9 of 128 neurons, so --optimizer-slices auto freezes those tensors instead
+    assert masker.handle is None and masker.hold.num_tensors == (0 if mode == "preserve" else 6)
+    assert (masker.deltas is not None) == (mode == "preserve")
 
 
 def test_forward_masks_change_the_forward_pass_as_before(tiny_llama, template64):
@@ -171,6 +174,8 @@ def test_templates_random_cli_round_trip(template64, tmp_path):
     (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-control-seed", "3"], "add --mask-control random"),
     (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-kernel", "triton"], "add --mask-effect forward"),
     (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-effect", "forward", "--mask-kernel", "triton"], "CUDA"),
+    (["--mask-mode", "preserve", "--ica-component-ids", "0", "--optimizer-slices", "on"], "--optimizer-slices on trains slices"),  # LoRA on
+    (["--mask-mode", "preserve", "--ica-component-ids", "0", "--no-lora", "--mask-effect", "forward", "--optimizer-slices", "on"], "--no-lora"),
 ])
 def test_bad_mask_options_one_line(tiny_llama, sft_file, template64, tmp_path, capsys, extra, text):
     from fnscale.cli import main

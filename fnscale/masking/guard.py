@@ -114,22 +114,32 @@ def masked_slices(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str
                   snapshot: bool = True) -> list[_Slice]:
     """The trainable tensor slices that carry masked neurons' weights (see MaskedWeightGuard for which).
     `snapshot=False` records where they are without copying them (ZeRO-3 partitions: gradient hooks only)."""
-    if site not in SITES:
-        raise UsageError(f"unknown mask site {site!r}; use one of {', '.join(SITES)}")
     _check_lora_inits(model)
-    layers = find_mlp_layers(model)
-    checked = check_masks(masks, layers, site)
     names = {id(m): n for n, m in model.named_modules()}
     slices: list[_Slice] = []
+    for module, side, masked in masked_features(model, masks, site):
+        slices += _protect(module, names, masked, side=side, offload=offload, snapshot=snapshot)
+    return slices
+
+
+def masked_features(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str = "intermediate") -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, side, index) for each MLP linear holding masked neurons' weights: the masked input features
+    (side "in": down projection at site intermediate) or output features ("out": gate/up, fused gate_up halves,
+    GPT-2 c_fc; the down projection at site mlp_output)."""
+    if site not in SITES:
+        raise UsageError(f"unknown mask site {site!r}; use one of {', '.join(SITES)}")
+    layers = find_mlp_layers(model)
+    checked = check_masks(masks, layers, site)
+    found: list[tuple[nn.Module, str, torch.Tensor]] = []
     for index, mask in sorted(checked.items()):
         layer = layers[index]
         masked = torch.nonzero(mask == 0).flatten()
         if masked.numel() == 0:
             continue
         if site == "mlp_output":
-            slices += _protect(layer.down, names, masked, side="out", offload=offload, snapshot=snapshot)
+            found.append((layer.down, "out", masked))
             continue
-        slices += _protect(layer.down, names, masked, side="in", offload=offload, snapshot=snapshot)
+        found.append((layer.down, "in", masked))
         if not layer.ups:
             raise UsageError(
                 f"could not find the layers producing the MLP neurons of {type(layer.mlp).__name__} (layer "
@@ -137,9 +147,8 @@ def masked_slices(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str
                 "(templates build --site mlp_output, or --ica-site mlp_output)"
             )
         for module, fused in layer.ups:
-            rows = torch.cat([masked, masked + layer.width]) if fused else masked
-            slices += _protect(module, names, rows, side="out", offload=offload, snapshot=snapshot)
-    return slices
+            found.append((module, "out", torch.cat([masked, masked + layer.width]) if fused else masked))
+    return found
 
 
 def _check_lora_inits(model: nn.Module) -> None:
@@ -156,8 +165,7 @@ def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, off
     """Slices of `module` touching `index`: its input features (side "in") or output features ("out")."""
     base = unwrap(module)
     layout = linear_features(module)[2]
-    # Linear weight is [out, in], Conv1D weight is [in, out].
-    wdim = {("linear", "in"): 1, ("linear", "out"): 0, ("conv1d", "in"): 0, ("conv1d", "out"): 1}[(layout, side)]
+    wdim = weight_dim(layout, side)
     label = names.get(id(module), type(module).__name__)
     slices = []
     tensors = [("weight", base.weight, wdim)]
@@ -174,6 +182,11 @@ def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, off
     if base is not module:
         slices += _lora_slices(module, label, index, side)
     return slices
+
+
+def weight_dim(layout: str, side: str) -> int:
+    """The weight dimension holding input (side "in") or output ("out") features: Linear is [out, in], Conv1D [in, out]."""
+    return {("linear", "in"): 1, ("linear", "out"): 0, ("conv1d", "in"): 0, ("conv1d", "out"): 1}[(layout, side)]
 
 
 def _lora_slices(module: nn.Module, label: str, index: torch.Tensor, side: str) -> list[_Slice]:

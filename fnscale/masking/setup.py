@@ -9,6 +9,9 @@ Untouched under each distribution mode:
   so AdamW leaves them exactly where they were.
 Masks act on the forward pass (`--mask-effect forward`: activations zeroed, so gradients are zero too) or
 on the update only (`update`, the default: gradient hooks zero the masked slices' gradients, see `update`).
+Update masks under full fine-tuning on one device or DDP may instead freeze the masked layers' dense MLP weights
+and train deltas of the trained slices only (`--optimizer-slices`, see `slices`): AdamW then keeps state for
+those alone. ZeRO keeps the dense approach (its partitioned flat buffers are built from the dense parameters).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fnscale.distributed import broadcast_from_main, zero3_gathering, zero_stage
+from fnscale.distributed import broadcast_from_main, uses_deepspeed, zero3_gathering, zero_stage
+from fnscale.errors import UsageError
 from fnscale.masking.apply import apply_masks
 from fnscale.masking.build import build_masks
 from fnscale.masking.guard import masked_slices, protect_masked_weights
+from fnscale.masking.slices import SliceDeltas
 from fnscale.masking.update import GradientHold
 from fnscale.mlp import find_mlp_layers, unwrap
 from fnscale.networks.controls import random_like
@@ -54,14 +59,21 @@ class Masker:
     """The training loop's view of masking: attach after `prepare`, `after_step` after each optimizer step."""
 
     def __init__(self, masks: dict[int, torch.Tensor], site: str, kernel: str, compact: bool | None, guard, zero3: bool, decay_free: set[int],
-                 hold: GradientHold | None = None):
+                 hold: GradientHold | None = None, deltas: SliceDeltas | None = None):
         self.masks, self.site, self.kernel, self.compact = masks, site, kernel, compact
         self.guard, self.zero3, self._decay_free = guard, zero3, decay_free
         self.hold = hold  # update masks: gradient hooks, on from setup; forward masks: None, hooks go on in `attach`
+        self.deltas = deltas  # --optimizer-slices: trained-slice deltas of frozen dense weights, folded in by `remove`
         self.handle = None
 
     def no_decay_params(self) -> set[int]:
-        return self._decay_free
+        """Parameters AdamW must not decay: ZeRO-3's masked tensors, and the slice deltas (decayed by `bind_optimizer`)."""
+        return self._decay_free | ({id(p) for p in self.deltas.parameters()} if self.deltas is not None else set())
+
+    def bind_optimizer(self, optimizer) -> None:
+        """Hook the (unprepared) torch optimizer where masks need it: the slice deltas' weight decay."""
+        if self.deltas is not None:
+            self.deltas.bind(optimizer)
 
     def attach(self, model) -> None:
         if self.hold is not None:
@@ -78,6 +90,8 @@ class Masker:
             self.handle = None
         if self.hold is not None:
             self.hold.remove()
+        if self.deltas is not None:
+            self.deltas.fold()
         self.after_step()
 
     def stats(self) -> dict[str, float]:
@@ -86,6 +100,9 @@ class Masker:
         out = {f"masked_neurons/layer_{layer}": n for layer, n in per_layer.items()}
         out["masked_neurons/total"] = sum(per_layer.values())
         out["masked_neurons/share_of_masked_layers"] = sum(per_layer.values()) / max(1, total)
+        if self.deltas is not None:
+            trained, dense = self.deltas.numel()
+            out["optimizer_slices/trained_share"] = trained / max(1, dense)
         return out
 
 
@@ -112,6 +129,11 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
 
     zero3 = zero_stage(accelerator) == 3
     lora = hasattr(model, "peft_config")
+    effect = cfg.mask_effect or "update"
+    kept = float(np.mean([float(m.mean()) for m in masks.values()]))
+    deltas = None
+    if _use_slices(cfg.optimizer_slices, effect, lora, uses_deepspeed(accelerator), kept):  # before the guard: frozen weights need no snapshot
+        deltas = SliceDeltas(model, masks, site, cfg.weight_decay)
     # The guard zeroes LoRA slices now, before ZeRO partitions them. Under ZeRO-3 full fine-tuning the dense
     # weights are already partitioned and cannot be snapshotted: zero gradient + no decay keeps them instead.
     guard = protect_masked_weights(model, masks, site=site) if lora or not zero3 else None
@@ -122,11 +144,18 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Mas
                 base = unwrap(module)
                 decay_free.update(id(p) for p in base.parameters(recurse=False) if p.requires_grad)
     compact = {"auto": None, "on": True, "off": False}[cfg.compact]
-    effect = cfg.mask_effect or "update"
     hold = GradientHold(masked_slices(model, masks, site, snapshot=False)) if effect == "update" else None
-    kept = float(np.mean([float(m.mean()) for m in masks.values()]))
-    log.info("masks: %s-%s%s, components %s on %d layers at site %s (%.1f%% of their neurons kept)", cfg.mask_mode, effect,
-             " (random control)" if cfg.mask_control == "random" else "", ids, len(masks), site, 100 * kept)
-    return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free, hold)
+    log.info("masks: %s-%s%s, components %s on %d layers at site %s (%.1f%% of their neurons kept)%s", cfg.mask_mode, effect,
+             " (random control)" if cfg.mask_control == "random" else "", ids, len(masks), site, 100 * kept,
+             "; optimizer state for the trained slices only" if deltas is not None else "")
+    return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free, hold, deltas)
 
 
+def _use_slices(option: str, effect: str, lora: bool, deepspeed: bool, kept: float) -> bool:
+    """--optimizer-slices: auto turns them on for update masks under full FT (no DeepSpeed) keeping under half the neurons."""
+    if option == "on" and deepspeed:
+        raise UsageError("--optimizer-slices on is not supported under DeepSpeed (ZeRO shards the dense weights' optimizer state "
+                         "itself); drop it, or train on one device or with DDP")
+    if option == "off" or effect != "update" or lora or deepspeed:
+        return False
+    return option == "on" or kept < 0.5
