@@ -137,10 +137,11 @@ def _is_main() -> bool:
 
 def _register_subcommands() -> None:
     """Commands that live in their own modules (imports stay light until a command runs)."""
-    from fnscale import cli_eval, cli_templates
+    from fnscale import cli_eval, cli_sweep, cli_templates
 
     cli_templates.register(templates)
     cli_eval.register(eval_group, cli)
+    cli_sweep.register(cli)
 
 
 def main(argv=None) -> None:
