@@ -266,7 +266,8 @@ def score_base(sweep: Sweep, out: Path) -> dict:
 
 def listing(sweep: Sweep) -> list[str]:
     """One line per run, `INDEX<TAB>RUN_ID<TAB>options`: what `--only INDEX` picks (SLURM array task ids)."""
-    return [f"{r.index}\t{r.run_id}\t{' '.join(f'{k}={v}' for k, v in r.options.items()) or '(train defaults)'}" for r in sweep.runs]
+    own = "(the sweep's train options)"
+    return [f"{r.index}\t{r.run_id}\t{' '.join(f'{k}={v}' for k, v in r.options.items()) or own}" for r in sweep.runs]
 
 
 def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: bool = False) -> dict:
