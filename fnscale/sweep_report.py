@@ -106,9 +106,9 @@ def markdown(rep: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         f"# Sweep: {rep['sweep']}", "",
-        "Mean ± sample standard deviation over seeds. Task gain = base task loss - task loss (higher is better); "
-        "retention cost = rise of retention perplexity vs the base, in percent (lower is better). "
-        "Pareto: no other configuration has at least its mean gain and at most its mean cost.", "",
+        ("Mean ± sample standard deviation over seeds. Task gain = base task loss - task loss (higher is better); "
+         "retention cost = rise of retention perplexity vs the base, in percent (lower is better). "
+         "Pareto: no other configuration has at least its mean gain and at most its mean cost."), "",
         *lines, "",
     ]
     if has_ref:

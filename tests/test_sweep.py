@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -98,7 +99,7 @@ def test_bad_sweep_files_are_one_line_usage_errors(tmp_path, change, message):
 
 def test_cli_reports_a_bad_sweep_file_in_one_line(tmp_path):
     path = _write(tmp_path / "s.yaml", {"runs": [{"name": "a", "lerning_rate": 1}]})
-    p = subprocess.run([*FNSCALE, "sweep", path, "--output", str(tmp_path / "o")], capture_output=True, text=True, env=ENV)
+    p = subprocess.run([*FNSCALE, "sweep", path, "--output", str(tmp_path / "o")], capture_output=True, text=True, env=ENV, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: runs[0] (a): unknown option(s) lerning_rate")
 
@@ -164,7 +165,7 @@ def test_report_only_lists_unfinished_runs_and_changed_options_are_refused(tiny_
     rep = sweep.run_sweep(path, str(out), report_only=True)["report"]
     assert rep["missing"] == ["full-seed2", "lora-seed1", "lora-seed2"] and [r["run"] for r in rep["runs"]] == ["full-seed1"]
     assert "Not finished (3)" in (out / "sweep.md").read_text()
-    cfg = yaml.safe_load(open(path))
+    cfg = yaml.safe_load(Path(path).read_text())
     cfg["runs"][0]["learning_rate"] = 1e-3
     _write(out.parent / "sweep.yaml", cfg)
     with pytest.raises(UsageError, match="made with other options"):
