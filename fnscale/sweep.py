@@ -8,7 +8,8 @@ cannot take the sweep with it, and any `train` option works in a grid, including
 
 Layout of --output: base/ (the base model scored once), runs/NAME-seedS/ (config.yaml, train/,
 eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.sweep_report).
-A run with a done.json (written atomically after its eval report) is skipped on restart.
+A run with a done.json (written atomically after its eval report) is skipped on restart; one made
+with other options than the file now gives is refused rather than mixed into the report.
 """
 
 from __future__ import annotations
@@ -233,30 +234,47 @@ def read_done(folder: Path) -> dict | None:
         return None  # a marker that cannot be read counts as not done
 
 
-def execute(sweep: Sweep, run: Run, out: Path) -> bool:
-    """Train and score one run unless its done-marker exists; True when it did work."""
-    folder = run_dir(out, run)
+def fingerprint(sweep: Sweep, run: Run | None, out: Path) -> dict:
+    """What a result depends on: the run's resolved train options (not its folder) or the base model, and the eval options."""
+    if run is None:
+        train = {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}
+    else:
+        train = {k: v for k, v in resolved_options(sweep, run, out).items() if k != "output_dir"}
+    return json.loads(json.dumps({"train": train, "eval": sweep.eval}))  # as done.json stores it
+
+
+def finished(folder: Path, expected: dict) -> dict | None:
+    """The done-marker of a result made with the expected options; one made with others is refused, not mixed in."""
     done = read_done(folder)
-    if done is not None:
-        if done.get("options") != run.options:
-            raise UsageError(f"{folder} holds run {run.run_id} made with other options; remove that folder or pick another --output")
+    if done is not None and done.get("config") != expected:
+        raise UsageError(f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick another --output")
+    return done
+
+
+def execute(sweep: Sweep, run: Run, out: Path) -> bool:
+    """Train and score one run unless it is finished; True when it did work."""
+    folder = run_dir(out, run)
+    expected = fingerprint(sweep, run, out)
+    if finished(folder, expected) is not None:
         return False
     folder.mkdir(parents=True, exist_ok=True)
     opts = train_run(sweep, run, out)
     scores = score(sweep, str(trained_model(opts)), None, folder / "eval")
     summary = json.loads((Path(opts["output_dir"]) / "summary.json").read_text())
     train_facts = {k: summary.get(k) for k in ("steps", "final_loss", "eval_loss", "train_time_s")}
-    write_json(folder / DONE, {"run": run.run_id, "name": run.name, "seed": run.seed, "options": run.options, "train": train_facts, **scores})
+    marker = {"run": run.run_id, "name": run.name, "seed": run.seed, "options": run.options, "config": expected, "train": train_facts, **scores}
+    write_json(folder / DONE, marker)
     return True
 
 
 def score_base(sweep: Sweep, out: Path) -> dict:
     """The base model's scores, computed once and kept in base/done.json."""
-    done = read_done(out / "base")
+    expected = fingerprint(sweep, None, out)
+    done = finished(out / "base", expected)
     if done is None:
         log.info("scoring the base model")
         scores = score(sweep, sweep.train.get("model"), sweep.train.get("gguf_file"), out / "base" / "eval")
-        done = {"run": "base", **scores}
+        done = {"run": "base", "config": expected, **scores}
         write_json(out / "base" / DONE, done)
     return done
 

@@ -39,7 +39,8 @@ def run_row(done: dict, base: dict) -> dict:
     task_loss = done["task_loss"][task_name]
     rises = [100 * (done["retention_ppl"][n] / b - 1) for n, b in base["retention_ppl"].items() if n in done["retention_ppl"] and b > 0]
     return {
-        "run": done["run"], "name": done["name"], "seed": done["seed"], "options": done["options"], "train": done.get("train", {}),
+        "run": done["run"], "name": done["name"], "seed": done["seed"], "options": done["options"],
+        "config": done.get("config", {}).get("train"), "train": done.get("train", {}),
         "task_loss": task_loss, "retention_ppl": done["retention_ppl"],
         "task_loss_delta": task_loss - base["task_loss"][task_name],
         "retention_ppl_delta": {n: done["retention_ppl"][n] - b for n, b in base["retention_ppl"].items() if n in done["retention_ppl"]},

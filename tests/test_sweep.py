@@ -78,6 +78,9 @@ def test_load_expands_runs_and_grid_over_seeds(tmp_path):
     opts = sweep.resolved_options(s, s.runs[3], tmp_path / "out")
     assert opts["seed"] == 2 and opts["learning_rate"] == 1e-5 and opts["output_dir"].endswith("runs/low-lr-seed2/train")
     assert len(sweep.listing(s)) == 12 and sweep.listing(s)[0].startswith("0\tfull-seed1\tlora=False")
+    assert sweep.train_command(s, tmp_path / "c.yaml") == [sys.executable, "-m", "fnscale", "train", "--config", str(tmp_path / "c.yaml")]
+    s.launcher = "accelerate launch --config_file 'my config.yaml'"  # runs under Accelerate: `accelerate launch -m fnscale train ...`
+    assert sweep.train_command(s, tmp_path / "c.yaml")[:5] == ["accelerate", "launch", "--config_file", "my config.yaml", "-m"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -168,7 +171,12 @@ def test_report_only_lists_unfinished_runs_and_changed_options_are_refused(tiny_
     cfg = yaml.safe_load(Path(path).read_text())
     cfg["runs"][0]["learning_rate"] = 1e-3
     _write(out.parent / "sweep.yaml", cfg)
-    with pytest.raises(UsageError, match="made with other options"):
+    with pytest.raises(UsageError, match="made with other train or eval options"):
         sweep.run_sweep(path, str(out), only=(0,))
+    cfg["runs"][0].pop("learning_rate")
+    cfg["eval"]["max_seq_length"] = 32  # other eval options: the base and the runs would be scored differently
+    _write(out.parent / "sweep.yaml", cfg)
+    with pytest.raises(UsageError, match="made with other train or eval options"):
+        sweep.run_sweep(path, str(out), report_only=True)
     with pytest.raises(UsageError, match="runs 0-3"):
         sweep.run_sweep(path, str(out), only=(4,))
