@@ -87,7 +87,7 @@ def _ratio(a, b):
 def _fmt(s: dict, spec: str = ".3f") -> str:
     if s["mean"] is None:
         return "n/a"
-    return f"{s['mean']:{spec}}" + (f" ± {s['sd']:{spec}}" if s["sd"] is not None else "")
+    return f"{s['mean']:{spec}}" + (f" ± {s['sd']:{spec.lstrip('+')}}" if s["sd"] is not None else "")
 
 
 def markdown(rep: dict) -> str:
