@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fnscale import sweep, sweep_report
-from fnscale.errors import UsageError
+from fnscale.errors import RunError, UsageError
 
 FNSCALE = [sys.executable, "-m", "fnscale"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -180,3 +180,13 @@ def test_report_only_lists_unfinished_runs_and_changed_options_are_refused(tiny_
         sweep.run_sweep(path, str(out), report_only=True)
     with pytest.raises(UsageError, match="runs 0-3"):
         sweep.run_sweep(path, str(out), only=(4,))
+
+
+def test_a_failed_run_stops_the_sweep_with_its_error_line(tiny_sweep):
+    path, out = tiny_sweep
+    cfg = yaml.safe_load(Path(path).read_text())
+    cfg["runs"][0]["max_seq_length"] = 0  # `fnscale train` refuses it
+    _write(out.parent / "sweep.yaml", cfg)
+    with pytest.raises(RunError, match=r"run full-seed1 failed \(exit 2\): error: --max-seq-length must be at least 1"):
+        sweep.run_sweep(path, str(out), only=(0,))
+    assert not (out / "runs/full-seed1/done.json").exists() and (out / "runs/full-seed1/train.log").is_file()
