@@ -11,7 +11,7 @@ import os
 
 import click
 
-from fnscale import cli_data, cli_eval, cli_templates
+from fnscale import cli_data, cli_eval, cli_sweep, cli_templates
 from fnscale.cli_options import CONTEXT, config_option, load_config, options_from
 from fnscale.config import TrainConfig
 from fnscale.errors import FnscaleError
@@ -91,6 +91,7 @@ def doctor():
 cli.add_command(cli_templates.templates)
 cli.add_command(cli_eval.eval_cmd)
 cli.add_command(cli_data.data_group)
+cli.add_command(cli_sweep.sweep_cmd)
 
 
 def _is_main() -> bool:
