@@ -1,6 +1,7 @@
 """Templates build vs one plain forward pass over the same samples (the physical floor), in one run.
 
-Each configuration runs in its own subprocess, so peak RSS is per configuration:
+Each configuration runs in its own subprocess, so peak RSS is per configuration. Wall time and the process's
+CPU time are both printed: on a shared machine the CPU-time ratios (single-threaded runs) are the steadier ones.
   forward   one forward pass over the samples, nothing captured
   default   `templates build` defaults (--cache-budget-gb auto)
   stream    --cache-budget-gb 0 (no cache: statistics+PCA pass, projection pass)
@@ -47,7 +48,7 @@ def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, component
     rng = np.random.default_rng(0)
     samples = [list(rng.integers(10, vocab, size=seq)) for _ in range(n_samples)]
     rss_model = psutil.Process().memory_info().rss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if mode == "forward":
         with torch.no_grad():
             for ids, attn in _batches(samples, 1, 0, "cpu"):
@@ -56,9 +57,9 @@ def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, component
         budget = "auto" if mode == "default" else 0
         build_templates(model, samples, n_components=components, percentile=98.0, site=site, batch_size=1,
                         cache_budget_gb=budget, progress=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": mode, "samples": n_samples, "tokens": n_samples * seq, "seconds": seconds,
+    return {"mode": mode, "samples": n_samples, "tokens": n_samples * seq, "seconds": seconds, "cpu_seconds": cpu,
             "peak_rss_gb": peak / 2**30, "above_model_gb": (peak - rss_model) / 2**30}
 
 
@@ -81,14 +82,20 @@ def main() -> None:
                    "--components", str(a.components)] + (["--tiny"] if a.tiny else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {mode:8s} {n:5d} samples: {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+            print(f"  {mode:8s} {n:5d} samples: {rows[-1]['seconds']:.1f} s wall, {rows[-1]['cpu_seconds']:.1f} s CPU",
+                  file=sys.stderr, flush=True)
+    _table(rows, a.samples, "seconds", "wall time")
+    _table(rows, a.samples, "cpu_seconds", "CPU time")
+
+
+def _table(rows: list[dict], samples: list[int], key: str, what: str) -> None:
+    print(f"\n{what}:")
     print("| tokens | forward alone | default (auto) | stream (--cache-budget-gb 0) | peak RSS forward / default / stream | above model default / stream |")
     print("|---|---|---|---|---|---|")
-    for n in a.samples:
+    for n in samples:
         r = {x["mode"]: x for x in rows if x["samples"] == n}
-        f = r["forward"]["seconds"]
-        print(f"| {r['forward']['tokens']:,} | {f:.1f} s | {r['default']['seconds']:.1f} s ({r['default']['seconds'] / f:.2f}x) "
-              f"| {r['stream']['seconds']:.1f} s ({r['stream']['seconds'] / f:.2f}x) "
+        f, d, s = (r[m][key] for m in ("forward", "default", "stream"))
+        print(f"| {r['forward']['tokens']:,} | {f:.1f} s | {d:.1f} s ({d / f:.2f}x) | {s:.1f} s ({s / f:.2f}x) "
               f"| {r['forward']['peak_rss_gb']:.2f} / {r['default']['peak_rss_gb']:.2f} / {r['stream']['peak_rss_gb']:.2f} GB "
               f"| {r['default']['above_model_gb']:.2f} / {r['stream']['above_model_gb']:.2f} GB |")
 

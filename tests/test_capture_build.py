@@ -57,6 +57,24 @@ def test_capture_keeps_real_tokens_only(request, fixture, site, width):
     np.testing.assert_allclose(batched[:5, :width], seen["x"][0].numpy(), atol=1e-6)
 
 
+
+@pytest.mark.parametrize("site, layers", [("intermediate", None), ("mlp_output", [0])])
+def test_capture_stops_early_with_the_same_activations(tiny_llama, site, layers):
+    """stop_early skips the layers after the last captured one and the LM head, and captures exactly what a full forward does."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    heads = []
+    h = model.lm_head.register_forward_hook(lambda m, a, o: heads.append(1))
+    ids, attn = _padded([[5, 6, 7, 8, 9], [10, 11]])
+    with ActivationCapture(model, site=site, layers=layers, stop_early=False) as cap:
+        full = cap.run(ids, attn)
+    assert len(heads) == 1
+    with ActivationCapture(model, site=site, layers=layers) as cap:
+        early = cap.run(ids, attn)
+        cap.dummy("cpu")  # a throw-away forward still runs to the end
+    h.remove()
+    assert len(heads) == 2
+    np.testing.assert_array_equal(early, full)
+
 def _samples(n=48, seed=0):
     rng = np.random.default_rng(seed)
     return [list(rng.integers(4, 60, size=rng.integers(6, 20))) for _ in range(n)]

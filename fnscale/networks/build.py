@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fnscale import data, models
 from fnscale.config import TemplatesBuildConfig
-from fnscale.distributed import broadcast_from_main
+from fnscale.distributed import broadcast_from_main, zero_stage
 from fnscale.errors import UsageError
 from fnscale.networks import cache
 from fnscale.networks.capture import ActivationCapture
@@ -111,7 +111,9 @@ def build_templates(
     n_steps = math.ceil(math.ceil(len(samples) / world) / batch_size)  # identical on every rank
 
     model.eval()
-    with ActivationCapture(model, site, layers) as cap:
+    # Stop each forward after the last captured layer, unless ZeRO-3 gathers or offload hooks need it to run to the end.
+    stop_early = (accelerator is None or zero_stage(accelerator) != 3) and not getattr(model, "hf_device_map", None)
+    with ActivationCapture(model, site, layers, stop_early=stop_early) as cap:
         # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
         groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
         # oversample 20 (not 10): the folded pass truncates under running standardisations, per rank
