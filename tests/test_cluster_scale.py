@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers_dist import REPO, clean_env, finish, free_port, launch_cmd, run, start, write_uniform_sft
+from helpers_dist import REPO, clean_env, finish, free_port, launch_cmd, run, start, wait_for, write_uniform_sft
 from safetensors.torch import load_file
 
 from fnscale.config import EvalConfig, TemplatesBuildConfig
@@ -214,6 +214,13 @@ def test_two_machine_ranks_train_equals_one_two_process_node(tiny_llama, data16,
     assert not torch.equal(one["model.layers.0.mlp.down_proj.weight"], load_file(f"{tiny_llama}/model.safetensors")["model.layers.0.mlp.down_proj.weight"])
 
 
+def _port_bound(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 SRUN = """#!/usr/bin/env bash
 # srun stand-in for one node of the test's fake allocation: drop srun's options, run the task (SLURM_NODEID, SLURM_PROCID come from the test).
 while [ $# -gt 0 ]; do case "$1" in -*) shift ;; *) break ;; esac; done
@@ -236,8 +243,16 @@ def test_two_machine_ranks_templates_through_the_slurm_scripts(tiny_llama, data1
     job = {"PATH": f"{bindir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "SLURM_JOB_ID": str(free_port()), "SLURM_JOB_NAME": "tpl",
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "127.0.0.1,localhost", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
            "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()), "CONFIG": "launch_configs/cpu_2proc.yaml"}
-    procs = [start(["bash", "slurm/templates_multinode.sbatch", *build_flags(tiny_llama, data16, out)[2:]], tmp_path / f"node{n}.log",
-                   env=clean_env(**job, SLURM_NODEID=str(n), SLURM_PROCID=str(n), SLURM_LOCALID="0")) for n in (0, 1)]
+    def node(n: int):
+        env = clean_env(**job, SLURM_NODEID=str(n), SLURM_PROCID=str(n), SLURM_LOCALID="0")
+        return start(["bash", "slurm/templates_multinode.sbatch", *build_flags(tiny_llama, data16, out)[2:]], tmp_path / f"node{n}.log", env=env)
+
+    # Both fake nodes share this machine's loopback: the launcher of node 0 refuses a rendezvous port that is already bound,
+    # and node 1's c10d store would bind it (it also "is" the head host here). On a real cluster node 1 runs elsewhere. So
+    # node 0 goes first, and node 1 starts once node 0's torchrun has bound the rendezvous store on that port.
+    first = node(0)
+    wait_for(lambda: _port_bound(int(job["MAIN_PORT"])), 300, first, "node 0's rendezvous store")
+    procs = [first, node(1)]
     codes = [finish(p, 400) for p in procs]
     logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
