@@ -290,6 +290,15 @@ def listing(sweep: Sweep) -> list[str]:
     return [f"{r.index}\t{r.run_id}\t{' '.join(f'{k}={v}' for k, v in r.options.items()) or own}" for r in sweep.runs]
 
 
+def check_inputs(sweep: Sweep, runs: list[Run], out: Path) -> None:
+    """Refuse up front a run whose templates file is missing: otherwise it fails only after the runs before it trained."""
+    for run in runs:
+        path = {**sweep.train, **run.options}.get("ica_template_path")
+        if path and not Path(path).is_file() and read_done(run_dir(out, run)) is None:
+            raise UsageError(f"run {run.run_id}: ica_template_path {path} not found (relative paths are taken from the sweep "
+                             "file's folder); build it first with `fnscale templates build ... --output FOLDER`")
+
+
 def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: bool = False) -> dict:
     """Run (or with `only`, part of) the sweep, then write the report; returns {trained, skipped, report}."""
     from fnscale import sweep_report
@@ -304,6 +313,7 @@ def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: b
     if only and report_only:
         raise UsageError("--only runs single runs and --report-only only reports; pass one of them")
     chosen = [] if report_only else [sweep.runs[i] for i in only] if only else sweep.runs
+    check_inputs(sweep, chosen, out)
     trained, skipped = [], []
     if not only:
         score_base(sweep, out)  # first, so a broken eval setup fails before any training

@@ -50,7 +50,14 @@ def test_shipped_files_are_a_held_out_short_answer_task_and_plain_text():
 
 def test_benchmark_sweep_file_loads():
     s = sweep.load(BENCH / "sweep.yaml")
-    assert [name for name, _ in s.configs] == ["full-ft", "full-ft-lr3e-5", "lora"] and s.seeds == [1, 2]
+    configs = dict(s.configs)
+    assert list(configs) == ["full-ft", "full-ft-lr3e-5", "lora", "lesion-update", "lesion-update-random", "lesion-forward",
+                             "preserve-update", "preserve-update-random"] and s.seeds == [1, 2, 3]
+    for name in list(configs)[3:]:  # masked runs: the networks built from retention.txt (a relative path when not built yet)
+        assert configs[name]["ica_template_path"].endswith("networks/global_templates.json")
+        assert configs[name]["ica_component_ids"] == "0,1,2,3,4,5,6,7,8,9"
+    for name in ("lesion-update", "preserve-update"):  # each random control differs from its configuration only by the control
+        assert {**configs[name], "mask_control": "random"} == configs[name + "-random"]
     assert s.train["dataset"] == str(BENCH / "task_train.jsonl") and s.eval["retention"] == [str(BENCH / "retention.txt")]
     assert s.train["lora"] is False and s.reference == "full-ft"
     assert yaml.safe_load((BENCH / "sweep.yaml").read_text())["train"]["learning_rate"] == 3.0e-4

@@ -190,3 +190,14 @@ def test_a_failed_run_stops_the_sweep_with_its_error_line(tiny_sweep):
     with pytest.raises(RunError, match=r"run full-seed1 failed \(exit 2\): error: --max-seq-length must be at least 1"):
         sweep.run_sweep(path, str(out), only=(0,))
     assert not (out / "runs/full-seed1/done.json").exists() and (out / "runs/full-seed1/train.log").is_file()
+
+
+def test_a_missing_templates_file_is_refused_before_anything_trains(tiny_sweep):
+    path, out = tiny_sweep
+    cfg = yaml.safe_load(Path(path).read_text())
+    cfg["runs"].append({"name": "masked", "mask_mode": "lesion", "mask_effect": "update", "ica_template_path": "nets/global_templates.json"})
+    _write(out.parent / "sweep.yaml", cfg)
+    with pytest.raises(UsageError, match=r"run masked-seed1: ica_template_path nets/global_templates.json not found"):
+        sweep.run_sweep(path, str(out))
+    assert not (out / "runs").exists() and not (out / "base").exists()  # refused before the base was scored or any run trained
+    assert sweep.run_sweep(path, str(out), only=(0,))["trained"] == ["full-seed1"]  # runs without templates still go
