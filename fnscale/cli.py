@@ -102,9 +102,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from fnscale.distributed import exit_process, shutdown
+
     try:
         cli.main(args=argv, prog_name="fnscale")
-    finally:  # success or error: release the process group so each rank exits with its own status
-        from fnscale.distributed import shutdown
-
+    except SystemExit as done:  # Click ends every command this way, with its status: keep it, whatever the teardown does
+        exit_process(done.code)
+        raise
+    except BaseException:  # a traceback under --debug: release the process group, then show it
         shutdown()
+        raise

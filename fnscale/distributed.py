@@ -314,6 +314,37 @@ def shutdown() -> None:
         log.debug("destroy_process_group: %s", err)
 
 
+def exit_process(code) -> None:
+    """Exit a rank of a multi-process run with the command's own status (else return and exit normally).
+
+    After a success every rank meets at a barrier, then leaves with `os._exit` once output is flushed, without
+    tearing down torch's C++ objects: a finished rank was seen to abort in that teardown now and then
+    ("terminate called without an active exception", SIGABRT), turning a successful launch into a failed one.
+    After an error the group is destroyed as usual (a peer may be gone, so no barrier)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if status != 0:
+        shutdown()
+        return
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    try:
+        dist.barrier()
+    except Exception as err:  # a peer gone after a success: nothing left to wait for
+        log.debug("exit barrier: %s", err)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
 def _describe_error(err: BaseException) -> str:
     from fnscale.errors import FnscaleError
 

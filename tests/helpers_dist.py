@@ -137,7 +137,7 @@ def _probe_main() -> None:
     import hashlib
     import logging
 
-    from fnscale.distributed import shutdown
+    from fnscale.distributed import exit_process, shutdown
     from fnscale.errors import FnscaleError
     from fnscale.train import build_model, save_final, train
 
@@ -174,9 +174,9 @@ def _probe_main() -> None:
         train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
     except FnscaleError as err:  # as the CLI reports it: one line, the error's exit code
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
-    finally:
         shutdown()
+        sys.exit(err.exit_code)
+    exit_process(0)
 
 
 def _fail_model_writes() -> None:
