@@ -173,7 +173,8 @@ def _probe_main() -> None:
     try:
         train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
     except FnscaleError as err:  # as the CLI reports it: one line, the error's exit code
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {err}\n")  # one write: the two ranks share the launcher's stderr, lines must not interleave
+        sys.stderr.flush()
         shutdown()
         sys.exit(err.exit_code)
     exit_process(0)
