@@ -69,6 +69,12 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subpro
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The finished launch, asserted successful (its output's tail in the failure message)."""
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-6000:]}"
+    return res
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start in the background, output to `log`, in its own session."""
     fh = open(log, "w")

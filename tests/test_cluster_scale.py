@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers_dist import REPO, clean_env, finish, free_port, launch_cmd, run, start, wait_for, write_uniform_sft
+from helpers_dist import REPO, clean_env, finish, free_port, launch_cmd, ok, run, start, wait_for, write_uniform_sft
 from safetensors.torch import load_file
 
 from fnscale.config import EvalConfig, TemplatesBuildConfig
@@ -104,10 +104,6 @@ BUILD = ["templates", "build", "--dataset", "{data}", "--samples-per-dataset", "
 def build_flags(model: str, data, out) -> list[str]:
     return [a.format(data=data) for a in BUILD] + ["--model", model, "--output", str(out)]
 
-
-def ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-6000:]}"
-    return res
 
 
 @pytest.fixture(scope="module")

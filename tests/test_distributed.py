@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers_dist import CONFIGS, REPO, children, clean_env, finish, launch_cmd, read_traces, run, start, wait_for, write_uniform_sft
+from helpers_dist import CONFIGS, REPO, children, clean_env, finish, launch_cmd, ok, read_traces, run, start, wait_for, write_uniform_sft
 from safetensors.torch import load_file
 
 from fnscale import checkpoints, distributed
@@ -45,10 +45,6 @@ def train_args(model: str, data, out, *extra: str, steps: int = 4) -> list[str]:
             "--save-steps", "0", "--seed", "7", "--learning-rate", "1e-2", "--warmup-ratio", "0.5",
             "--max-grad-norm", "0.05", "--weight-decay", "0.1", "--report-to", "none", *extra]
 
-
-def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-6000:]}"
-    return res
 
 
 @pytest.fixture(scope="module")
