@@ -10,7 +10,7 @@ throughput is trained tokens / seconds over the steps after --warmup, so loading
 steps do not count. Ratios are against fnscale unpacked. TRL runs when it is installed (`pip install trl`; it is
 not a dependency of fnscale).
 
-    python benchmarks/bench_train.py [--tiny] [--steps 12] [--warmup 3] [--threads 2]
+    python benchmarks/bench_train.py [--tiny] [--lengths short|mixed] [--steps 12] [--warmup 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,11 +32,19 @@ BATCH, SEQ, LORA_R, LORA_ALPHA, LORA_DROPOUT, LR = 4, 128, 16, 32, 0.05, 2e-4
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_data(folder: Path, rows: int) -> tuple[Path, Path]:
-    """Short SFT examples (a 4-16 word question, a 3-20 word answer), as alpaca rows for fnscale and as
+def answer_words(rng: random.Random, lengths: str) -> int:
+    """short: 3-20 words, so every example is about as long as the next. mixed: long-tailed like real instruction
+    data (most answers a few words, one in four a paragraph), so one long answer sets each padded batch's width."""
+    if lengths == "short":
+        return rng.randint(3, 20)
+    return rng.randint(40, 70) if rng.random() < 0.25 else rng.randint(1, 8)
+
+
+def write_data(folder: Path, rows: int, lengths: str = "short") -> tuple[Path, Path]:
+    """SFT examples (a 4-16 word question, an answer as `answer_words` draws it), as alpaca rows for fnscale and as
     conversational prompt/completion rows for TRL: both render them with the tokenizer's chat template."""
     rng = random.Random(0)
-    pairs = [(" ".join(rng.choices(WORDS, k=rng.randint(4, 16))) + " ?", " ".join(rng.choices(WORDS, k=rng.randint(3, 20))) + " .")
+    pairs = [(" ".join(rng.choices(WORDS, k=rng.randint(4, 16))) + " ?", " ".join(rng.choices(WORDS, k=answer_words(rng, lengths))) + " .")
              for _ in range(rows)]
     ours, trl = folder / "alpaca.jsonl", folder / "conversational.jsonl"
     ours.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in pairs))
@@ -164,12 +172,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="first steps not timed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=2000, help="examples in the synthetic data set")
+    p.add_argument("--lengths", choices=["short", "mixed"], default="short",
+                   help="answer lengths: short (3-20 words, all alike) or mixed (long-tailed: mostly 1-8 words, a quarter 40-70)")
     p.add_argument("--child"), p.add_argument("--model"), p.add_argument("--data")
     args = p.parse_args()
     if args.child:
         return child(args.child, args.model, Path(args.data), args.steps, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, trl = write_data(Path(tmp), args.rows)
+        ours, trl = write_data(Path(tmp), args.rows, args.lengths)
         if args.tiny:
             model = tiny_model(Path(tmp) / "tiny")
         else:
@@ -179,7 +189,7 @@ def main() -> None:
         names = [n for n in CONFIGS if n != "TRL SFTTrainer" or _has_trl()]
         results = [r for r in (run_child(n, model, trl if n.startswith("TRL") else ours, args) for n in names) if r is not None]
     print(f"model {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}, LoRA r={LORA_R} on {','.join(LINEAR)}, batch {BATCH}, "
-          f"{SEQ} tokens, fp32, CPU, {args.threads} threads, {args.steps} steps ({args.warmup} untimed)")
+          f"{SEQ} tokens, {args.lengths} answers, fp32, CPU, {args.threads} threads, {args.steps} steps ({args.warmup} untimed)")
     print(table(results))
     if not _has_trl():
         print("TRL not installed: `pip install trl` to add it")

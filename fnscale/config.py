@@ -151,6 +151,8 @@ class TemplatesBuildConfig:
     device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)", ["auto"])
     max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
     offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
+    # distribution
+    ddp_timeout: int = opt(1800, "seconds a rank waits in a collective for a live but silent peer (under accelerate launch)")
 
 
 @dataclass

@@ -300,9 +300,8 @@ def zero3_gathering(model, accelerator):
 
 
 def shutdown() -> None:
-    """Destroy the default process group if one was initialised (success or error), so each process exits with
-    its own status: an undestroyed gloo/NCCL group is torn down during interpreter exit, with its worker threads
-    still joinable, which can abort a finished rank ("terminate called without an active exception", SIGABRT)."""
+    """Destroy the default process group if one was initialised, releasing its connections (an NCCL communicator
+    included) before the process exits; a no-op otherwise."""
     import sys
 
     dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to destroy (`fnscale --help`)
@@ -315,34 +314,37 @@ def shutdown() -> None:
 
 
 def exit_process(code) -> None:
-    """Exit a rank of a multi-process run with the command's own status (else return and exit normally).
+    """Leave a rank of a multi-process run with the command's own status, skipping interpreter teardown (else return).
 
-    After a success every rank meets at a barrier, then leaves with `os._exit` once output is flushed, without
-    tearing down torch's C++ objects: a finished rank was seen to abort in that teardown now and then
-    ("terminate called without an active exception", SIGABRT), turning a successful launch into a failed one.
-    After an error the group is destroyed as usual (a peer may be gone, so no barrier)."""
+    Why (from a core dump of an aborted rank): gloo's worker thread frees each finished collective, and the tensors it
+    held, just after the caller has its result. If the interpreter is finalising by then (the last collective right
+    before exit), that thread cannot take the GIL, Python ends it with pthread_exit, and the unwind through torch's
+    noexcept frames calls std::terminate: a finished rank dies with SIGABRT ("terminate called without an active
+    exception") and the launcher reports a failed run, about one launch in 20. Destroying the group does not stop
+    that thread (the model still holds the group), and Accelerate's `end_training` has destroyed it already.
+    So every rank meets the others (after a success), destroys its group, flushes, and leaves with `os._exit`."""
     import sys
 
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    grouped = dist is not None and dist.is_available() and dist.is_initialized()
+    if not grouped and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     status = code if isinstance(code, int) else (0 if code is None else 1)
-    if status != 0:
-        shutdown()
-        return
     if isinstance(code, str):
         print(code, file=sys.stderr)
-    try:
-        dist.barrier()
-    except Exception as err:  # a peer gone after a success: nothing left to wait for
-        log.debug("exit barrier: %s", err)
+    if status == 0 and grouped:
+        try:
+            dist.barrier()
+        except Exception as err:  # a peer gone after a success: nothing left to wait for
+            log.debug("exit barrier: %s", err)
+    shutdown()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(0)
+    os._exit(status)
 
 
 def _describe_error(err: BaseException) -> str:

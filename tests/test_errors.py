@@ -80,6 +80,7 @@ CASES = [
     ("template width", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "narrow.json"), "--ica-component-ids", "0"), 2,
      "model has 2 layers × 64 neurons"),
     ("ddp timeout too short", lambda f: _train(f, "--ddp-timeout", "1"), 2, "--ddp-timeout"),
+    ("templates ddp timeout too short", lambda f: ["templates", "build", f["model"], f["data"], "--ddp-timeout", "5"], 2, "--ddp-timeout 5"),
 ]
 
 
@@ -176,3 +177,22 @@ def test_token_never_printed_or_logged(files, tmp_path):
     for f in out.rglob("*"):
         if f.is_file():
             assert token.encode() not in f.read_bytes(), f
+
+
+def test_template_checked_against_a_converted_gguf_before_torch_loads(files, tmp_path, monkeypatch):
+    """A .gguf --model already converted into the cache: the template is checked against the cached config.json
+    before torch is imported (the file itself is not a loadable model, so reaching the load would fail otherwise)."""
+    from fnscale.model_paths import converted_folder
+
+    cache = tmp_path / "cache"
+    env = {**ENV, "FNSCALE_CACHE": str(cache)}
+    monkeypatch.setenv("FNSCALE_CACHE", str(cache))
+    folder = converted_folder(files["dir"] / "odd.gguf")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "intermediate_size": 64, "hidden_size": 32}))
+    argv = _train(files, "--mask-mode", "lesion", "--ica-template-path", str(files["dir"] / "narrow.json"), "--ica-component-ids", "0",
+                  model=str(files["dir"] / "odd.gguf"))
+    probe = "import sys\nfrom fnscale.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch imported:', 'torch' in sys.modules)\n"
+    res = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env, timeout=120)
+    _check(res.returncode, res.stdout, res.stderr, 2, "model has 2 layers × 64 neurons")
+    assert "torch imported: False" in res.stdout

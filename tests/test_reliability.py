@@ -167,11 +167,20 @@ def test_save_failure_on_the_main_process_ends_every_rank_with_its_message(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("FNSCALE_SOAK") != "1",
-    reason="known open bug (issue 14): a finished rank still aborts at exit now and then (SIGABRT, 'terminate called without an "
-    "active exception'), about one launch in 10-20 under pytest; run with FNSCALE_SOAK=1 to reproduce",
-)
+def test_training_failure_on_one_rank_ends_every_rank_with_its_message(tiny_llama, data16, tmp_path):
+    """Rank 1 fails in its second training step while rank 0 waits for it in the gradient all-reduce."""
+    start = time.time()
+    res = run(launch_cmd("cpu_2proc.yaml", _small_args(tiny_llama, data16, tmp_path / "run", "--no-lora", steps=4),
+                         script=str(REPO / "tests" / "helpers_dist.py")),
+              timeout=180, env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "trace"), FNSCALE_TEST_FAIL_STEP_RANK="1"))
+    elapsed = time.time() - start
+    assert res.returncode != 0, res.stdout[-4000:]
+    assert elapsed < 60 + 30, f"the ranks took {elapsed:.0f}s to exit"  # 30 s: two processes starting on a busy CPU
+    assert "error: rank 1 failed in its training step (injected)" in res.stdout, res.stdout[-4000:]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
 def test_repeated_two_process_launches_all_exit_zero(tiny_llama, data16, tmp_path):
     """10 QLoRA/ZeRO-3 and 10 DDP launches, 2 steps each: a rank that aborts at exit (SIGABRT) fails the launch."""
     codes = {"cpu_2proc_zero3.yaml": [], "cpu_2proc.yaml": []}

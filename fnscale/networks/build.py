@@ -23,7 +23,7 @@ from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.decompose import StreamingDecomposer
 from fnscale.networks.stats import torch_all_gather
 from fnscale.networks.templates import Templates
-from fnscale.preflight import parse_layers
+from fnscale.preflight import check_ddp_timeout, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def run_build(cfg: TemplatesBuildConfig) -> dict:
         raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
     place = placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # --device-map auto: one process, split over devices
     cache.parse_budget(cfg.cache_budget_gb)  # refuse a bad value before loading anything
-    accelerator = make_accelerator()
+    check_ddp_timeout(cfg.ddp_timeout)
+    accelerator = make_accelerator(timeout_s=cfg.ddp_timeout)
     with accelerator.main_process_first():
         source = models.resolve_model(cfg.model, cfg.gguf_file)
     tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
