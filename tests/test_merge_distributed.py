@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fnscale.distributed import exit_process
 from fnscale.networks import RunningStats, StreamingDecomposer, merge_across_ranks, torch_all_gather
 from fnscale.networks.pca import IncrementalPCA, PCAState
 
@@ -59,8 +60,10 @@ def _worker(rank, world, port, out_dir):
         _, padded = _run(batches if rank == 0 else [], torch_all_gather)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
             pickle.dump({"stats": dec.stats_, "pca": dec.pca_state(), "res": res, "padded": padded}, fh)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_process(0)  # as fnscale's commands leave: no interpreter teardown racing gloo's worker threads (a SIGABRT)
 
 
 def _free_port():

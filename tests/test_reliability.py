@@ -4,7 +4,6 @@ under N ranks, and Ctrl-C that checkpoints and exits 130."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
