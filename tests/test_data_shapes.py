@@ -278,6 +278,18 @@ def test_data_show_json(tmp_path, chat_tok, capsys):
     # truncation keeps the last response and cuts the prompt from the left: the last 20 tokens of the reference
     assert ex["tokens"] == 20 and ex["trained_tokens"] == sum(label != -100 for label in labels[-20:]) == 6
     assert ex["text"].endswith("[[taroriport . </s>]]")
+    assert report["padding"]["batch_size"] == 4 and 0 < report["padding"]["real_share"] <= 1
+
+
+def test_padding_share_bounds_what_packing_can_gain():
+    from fnscale.data.preview import padding
+
+    assert padding([10] * 8, 512, 4) == {"batch_size": 4, "real_share": 1.0, "packing_gain_bound": 1.0}
+    two = padding([10, 30], 512, 2)  # one batch padded to 30: 40 real of 60
+    assert two["real_share"] == pytest.approx(40 / 60, abs=1e-3) and two["packing_gain_bound"] == 1.5
+    assert padding([10, 600], 100, 2)["real_share"] == pytest.approx(110 / 200, abs=1e-3)  # truncated at --max-seq-length
+    # batches of 1 never pad; a shuffle changes which examples share a batch, never the totals
+    assert padding([3, 50, 7, 90, 12], 512, 1)["real_share"] == 1.0
 
 
 def test_data_show_unknown_shape_is_one_line(tmp_path):

@@ -18,6 +18,18 @@ def length_stats(lengths: list[int], max_len: int) -> dict:
             "max": int(a.max()), "over_max_seq_length": int((a > max_len).sum()), "max_seq_length": max_len}
 
 
+def padding(lengths: list[int], max_len: int, batch_size: int, seed: int = 0) -> dict:
+    """Share of real tokens when shuffled examples are batched and padded to each batch's longest, as training pads
+    them. Packing removes the padding, so padded/real tokens bounds the speed-up `--packing` can give where a step
+    costs what its tokens cost, as on CPU (a GPU's cost per token varies with batch shape: measure there)."""
+    a = np.minimum(np.asarray(lengths, dtype=np.int64), max_len)
+    a = a[np.random.default_rng(seed).permutation(len(a))]
+    batches = [a[i:i + batch_size] for i in range(0, len(a), batch_size)]
+    padded = sum(len(b) * int(b.max()) for b in batches)
+    real = int(a.sum())
+    return {"batch_size": batch_size, "real_share": round(real / padded, 3), "packing_gain_bound": round(padded / real, 2)}
+
+
 def marked(tokenizer, item: dict, style: str = "brackets") -> tuple[str, list[list]]:
     """The decoded item with trained spans wrapped in marks, and its [text, trained] segments."""
     segments, run, flag = [], [], None
@@ -34,8 +46,9 @@ def marked(tokenizer, item: dict, style: str = "brackets") -> tuple[str, list[li
     return "".join(f"{start}{t}{end}" if trained else t for t, trained in segments), segments
 
 
-def preview(tokenizer, sources, n: int = 3, max_len: int = 512, opts: DataOptions | None = None, style: str = "brackets") -> dict:
-    """Shapes and counts per dataset, token-length statistics over all of them, and the first n examples."""
+def preview(tokenizer, sources, n: int = 3, max_len: int = 512, opts: DataOptions | None = None, style: str = "brackets",
+            batch_size: int = 4) -> dict:
+    """Shapes and counts per dataset, token-length statistics and padding over all of them, and the first n examples."""
     import pyarrow.compute as pc
 
     opts = opts or DataOptions()
@@ -52,5 +65,6 @@ def preview(tokenizer, sources, n: int = 3, max_len: int = 512, opts: DataOption
             shown.append({"dataset": spec.name, "index": i, "tokens": len(item["input_ids"]),
                           "trained_tokens": sum(label != IGNORE for label in item["labels"]), "text": text, "segments": segments})
     report["tokens"] = length_stats(lengths, max_len)
+    report["padding"] = padding(lengths, max_len, batch_size)
     report["examples"] = shown
     return report
