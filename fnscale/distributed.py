@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # The checkout that holds launch_configs/ (an editable install); relative DeepSpeed JSON paths fall back to it.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_joined = {"group": False}  # set once this process has joined a multi-process group (see exit_process)
 DEFAULT_TIMEOUT_S = 1800  # collectives wait this long for a live peer (a first GGUF conversion or a large ZeRO-3 save can take minutes)
 
 
@@ -165,6 +166,7 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
             ds_cfg["gradient_clipping"] = float(max_grad_norm)
         elif float(current) != float(max_grad_norm) and accelerator.is_main_process:
             log.warning("the DeepSpeed config clips gradients at %s; --max-grad-norm %s does not apply (set it to \"auto\")", current, max_grad_norm)
+    _joined["group"] = multi
     if accelerator.is_main_process:
         log.info("distributed: %s", describe(accelerator))
     return accelerator
@@ -322,12 +324,13 @@ def exit_process(code) -> None:
     noexcept frames calls std::terminate: a finished rank dies with SIGABRT ("terminate called without an active
     exception") and the launcher reports a failed run, about one launch in 20. Destroying the group does not stop
     that thread (the model still holds the group), and Accelerate's `end_training` has destroyed it already.
-    So every rank meets the others (after a success), destroys its group, flushes, and leaves with `os._exit`."""
+    So every rank that joined a group meets the others (after a success), destroys its group, flushes, and leaves with
+    `os._exit`. A process that never joined one (one process, or a mistake refused before the group) exits normally."""
     import sys
 
     dist = sys.modules.get("torch.distributed")
     grouped = dist is not None and dist.is_available() and dist.is_initialized()
-    if not grouped and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not grouped and not _joined["group"]:
         return
     status = code if isinstance(code, int) else (0 if code is None else 1)
     if isinstance(code, str):

@@ -14,7 +14,7 @@ from helpers_dist import REPO, clean_env, launch_cmd, run, write_uniform_sft
 
 from fnscale import train as train_mod
 from fnscale.config import TrainConfig
-from fnscale.distributed import raise_if_any_failed, shutdown
+from fnscale.distributed import exit_process, raise_if_any_failed, shutdown
 from fnscale.errors import RunError, UsageError
 from fnscale.networks.templates import Templates
 
@@ -56,6 +56,12 @@ def test_shutdown_destroys_the_process_group(tmp_path):
     assert dist.is_initialized()
     shutdown()
     assert not dist.is_initialized()
+
+
+def test_exit_process_returns_where_no_group_was_joined():
+    """One process, or a mistake refused before the group: exit normally (the caller re-raises SystemExit). A
+    joined group's exit (barrier, destroy, os._exit) is exercised by every multi-process launch in the slow tests."""
+    assert exit_process(0) is None and exit_process(2) is None
 
 
 def test_status_exchange_reraises_the_local_error_on_one_process():
