@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 
 import click
 
@@ -102,13 +103,16 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from fnscale.distributed import exit_process, shutdown
+    from fnscale.distributed import exit_process, joined_group, shutdown
 
     try:
         cli.main(args=argv, prog_name="fnscale")
     except SystemExit as done:  # Click ends every command this way, with its status: keep it, whatever the teardown does
         exit_process(done.code)
         raise
-    except BaseException:  # a traceback under --debug: release the process group, then show it
+    except BaseException as err:  # a traceback under --debug, or Ctrl-C outside training
+        if joined_group():  # show it, then leave like any rank of a group (no interpreter teardown)
+            traceback.print_exc()
+            exit_process(130 if isinstance(err, KeyboardInterrupt) else getattr(err, "exit_code", 1))
         shutdown()
         raise

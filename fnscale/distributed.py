@@ -315,6 +315,14 @@ def shutdown() -> None:
         log.debug("destroy_process_group: %s", err)
 
 
+def joined_group() -> bool:
+    """Whether this process joined a multi-process group (it may have been destroyed since, by `end_training`)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never import torch to answer (`fnscale --help`)
+    return _joined["group"] or (dist is not None and dist.is_available() and dist.is_initialized())
+
+
 def exit_process(code) -> None:
     """Leave a rank of a multi-process run with the command's own status, skipping interpreter teardown (else return).
 
@@ -328,10 +336,10 @@ def exit_process(code) -> None:
     `os._exit`. A process that never joined one (one process, or a mistake refused before the group) exits normally."""
     import sys
 
+    if not joined_group():
+        return
     dist = sys.modules.get("torch.distributed")
     grouped = dist is not None and dist.is_available() and dist.is_initialized()
-    if not grouped and not _joined["group"]:
-        return
     status = code if isinstance(code, int) else (0 if code is None else 1)
     if isinstance(code, str):
         print(code, file=sys.stderr)

@@ -17,6 +17,8 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import datasets  # noqa: E402,F401  binds its log handler to sys.stderr now, pytest's session stream, not a test's capture
+
 WORDS = (
     "the capital of is what which fruit famous for name longest river in a an and to by it this that "
     "zorvia quillport kasmol thivel daxvel oriquin nolvel taroriport apple pear plum fig lime "
@@ -40,6 +42,20 @@ def _save(model, tok, path):
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers_restored():
+    """`fnscale.cli.main()` called in-process configures logging on the stream that is sys.stderr then (a test's
+    capture); a later test logging through it would write to that closed stream ("--- Logging error ---", with a
+    traceback that the no-traceback checks of test_errors.py then find). `datasets` does the same for its own
+    logger when first imported, hence its import at the top of this file."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
 
 
 @pytest.fixture(scope="session")

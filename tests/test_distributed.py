@@ -241,6 +241,16 @@ def test_8bit_with_zero3_is_refused_with_the_reason(tiny_llama, data16, tmp_path
     assert _error_lines(res.stdout, "error: --load-in-8bit with ZeRO-3") and "cannot shard them" in res.stdout
 
 
+@pytest.mark.slow
+def test_debug_traceback_in_a_group_keeps_the_error_status(tiny_llama, data16, tmp_path):
+    """--debug shows the traceback of a refusal raised after the group formed; the rank still exits 2, not SIGABRT."""
+    args = train_args(tiny_llama, data16, tmp_path / "run", "--load-in-8bit", "--batch-size", "2", steps=1)
+    res = run(launch_cmd("cpu_2proc_zero3.yaml", ["--debug", *args]))
+    assert res.returncode != 0
+    assert "Traceback" in res.stdout and "UsageError: --load-in-8bit with ZeRO-3" in res.stdout, res.stdout[-4000:]
+    assert "exitcode  : 2" in res.stdout and "SIGABRT" not in res.stdout, res.stdout[-4000:]
+
+
 def _error_lines(out: str, message: str) -> bool:
     """Each rank that got to say it printed `message` as its one error line, and none said anything else. One or two
     ranks: the launcher stops the other rank once one has failed, which may be before that rank's own check ran."""
