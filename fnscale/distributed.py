@@ -301,13 +301,19 @@ def zero3_gathering(model, accelerator):
 # ---------------------------------------------------------------- clean exits and failures every rank agrees on
 
 
+def _live_group():
+    """torch.distributed when its default group is initialised, else None; never imports torch (`fnscale --help`)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def shutdown() -> None:
     """Destroy the default process group if one was initialised, releasing its connections (an NCCL communicator
     included) before the process exits; a no-op otherwise."""
-    import sys
-
-    dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to destroy (`fnscale --help`)
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    dist = _live_group()
+    if dist is None:
         return
     try:
         dist.destroy_process_group()
@@ -317,10 +323,7 @@ def shutdown() -> None:
 
 def joined_group() -> bool:
     """Whether this process joined a multi-process group (it may have been destroyed since, by `end_training`)."""
-    import sys
-
-    dist = sys.modules.get("torch.distributed")  # never import torch to answer (`fnscale --help`)
-    return _joined["group"] or (dist is not None and dist.is_available() and dist.is_initialized())
+    return _joined["group"] or _live_group() is not None
 
 
 def exit_process(code) -> None:
@@ -338,12 +341,11 @@ def exit_process(code) -> None:
 
     if not joined_group():
         return
-    dist = sys.modules.get("torch.distributed")
-    grouped = dist is not None and dist.is_available() and dist.is_initialized()
     status = code if isinstance(code, int) else (0 if code is None else 1)
     if isinstance(code, str):
         print(code, file=sys.stderr)
-    if status == 0 and grouped:
+    dist = _live_group()
+    if status == 0 and dist is not None:
         try:
             dist.barrier()
         except Exception as err:  # a peer gone after a success: nothing left to wait for

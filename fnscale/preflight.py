@@ -63,8 +63,10 @@ def check_ddp_timeout(seconds: int) -> None:
 
 
 def check_mask_combinations(cfg) -> None:
-    """Masking options that only make sense together (--mask-effect, --mask-control, forward-only kernels)."""
+    """Masking options that only make sense together (templates, --mask-effect, --mask-control, forward-only kernels)."""
     if cfg.mask_mode == "none":
+        if cfg.ica_template_path or cfg.ica_component_ids:
+            raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
         given = [flag for flag, on in (("--mask-effect", cfg.mask_effect is not None), ("--mask-control", cfg.mask_control != "none")) if on]
         if given:
             raise UsageError(f"{'/'.join(given)} need(s) --mask-mode lesion or preserve (and templates to mask)")

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     sft = _sft_data(cfg, tokenizer)
     if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
         freeze_outside_mlps(model)
-    masker = setup_masks(cfg, model, tokenizer, sft, accelerator, source.display_name) if cfg.mask_mode != "none" else None
+    masker = setup_masks(cfg, model, tokenizer, sft, accelerator, source.display_name, templates) if cfg.mask_mode != "none" else None
 
     # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
     train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
@@ -247,8 +247,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.learning_rate <= 0:
         raise UsageError("--learning-rate must be positive")
-    if cfg.mask_mode == "none" and (cfg.ica_template_path or cfg.ica_component_ids):
-        raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
     if not 0 < cfg.ica_percentile < 100:
         raise UsageError(f"--ica-percentile {cfg.ica_percentile} must be between 0 and 100 (exclusive)")
     attention.check(cfg.attn_implementation, cfg.packing, cfg.group_by_length, cfg.dtype)

@@ -106,13 +106,15 @@ class Masker:
         return out
 
 
-def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Masker:
-    """Everything before `accelerator.prepare`: templates, masks (main process, broadcast), weight guard."""
+def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str, templates: Templates | None = None) -> Masker:
+    """Everything before `accelerator.prepare`: templates, masks (main process, broadcast), weight guard.
+
+    `templates`: those of --ica-template-path as preflight loaded them (read from the file when not given)."""
     ids = parse_component_ids(cfg.ica_component_ids)
     layers = find_mlp_layers(model)
-    if cfg.ica_template_path:
+    if templates is None and cfg.ica_template_path:
         templates = Templates.load(cfg.ica_template_path)
-    else:
+    elif templates is None:
         templates = compute_templates(cfg, model, tokenizer, sft, accelerator, model_name)
     site = templates.site
     width = layers[0].width if site == "intermediate" else layers[0].hidden
