@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from fnscale.atomic import write_json, write_text
-from fnscale.config import TrainConfig, load_yaml
+from fnscale.config import EvalConfig, TrainConfig, load_yaml, merge
 from fnscale.errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,13 @@ class Sweep:
 # ---------------------------------------------------------------- reading the sweep file
 
 
-def _keys(d, where: str, allowed: set[str]) -> dict:
+def _keys(d, where: str, allowed: set[str], command: str = "train") -> dict:
     if not isinstance(d, dict):
         raise UsageError(f"{where} must be a mapping of option: value")
     d = {str(k).replace("-", "_"): v for k, v in d.items()}
     unknown = sorted(set(d) - allowed)
     if unknown:
-        raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}; see `fnscale train --help`")
+        raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}; see `fnscale {command} --help`")
     return d
 
 
@@ -149,10 +149,10 @@ def load(path: str | os.PathLike) -> Sweep:
         raise UsageError(f"{path}: run names must be unique; repeated: {', '.join(dupes)}")
     if raw.get("reference") and raw["reference"] not in names:
         raise UsageError(f"{path}: reference {raw['reference']!r} is not a run name; pick one of {', '.join(names)}")
-    eval_opts = raw.get("eval") or {}
-    if not isinstance(eval_opts, dict) or {"model", "gguf_file", "adapter", "finetuned", "sequence", "output"} & set(eval_opts):
+    eval_opts = _keys(raw.get("eval") or {}, f"{path}: eval", {f.name for f in dataclasses.fields(EvalConfig)}, "eval")
+    if {"model", "gguf_file", "adapter", "finetuned", "sequence", "output"} & set(eval_opts):
         raise UsageError(f"{path}: `eval` holds data and scoring options; the sweep chooses the models and the output folders")
-    sweep = Sweep(Path(path), _options(raw.get("train") or {}, "train", folder), {k.replace("-", "_"): _local(v, folder) for k, v in eval_opts.items()},
+    sweep = Sweep(Path(path), _options(raw.get("train") or {}, "train", folder), {k: _local(v, folder) for k, v in eval_opts.items()},
                   seeds, configs, raw.get("reference"), raw.get("launcher"))
     sweep.runs = [Run(i, name, seed, opts) for i, ((name, opts), seed) in enumerate(itertools.product(configs, seeds))]
     return sweep
@@ -211,15 +211,10 @@ def _last_error(logfile: Path) -> str:
 
 def score(sweep: Sweep, model: str | None, gguf_file: str | None, output: Path) -> dict:
     """Task loss and retention perplexity of one model, via `fnscale eval`'s run_eval (it scores --model only)."""
-    from fnscale.config import EvalConfig
     from fnscale.evaluate import run_eval
 
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(sweep.eval) - names)
-    if unknown:
-        raise UsageError(f"{sweep.path}: unknown eval option(s) {', '.join(unknown)}; see `fnscale eval --help`")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in sweep.eval.items()}
-    rep = run_eval(EvalConfig(**values, model=model, gguf_file=gguf_file, output=str(output)))
+    chosen = {"model": model, "gguf_file": gguf_file, "output": str(output)}  # load() keeps these out of sweep.eval
+    rep = run_eval(merge(EvalConfig, sweep.eval, chosen, set(chosen), "eval"))
     scores = rep["models"][0]
     return {
         "task_loss": {name: s["loss"] for name, s in scores["task"].items()},
@@ -293,7 +288,7 @@ def listing(sweep: Sweep) -> list[str]:
 def check_inputs(sweep: Sweep, runs: list[Run], out: Path) -> None:
     """Refuse up front a run whose templates file is missing: otherwise it fails only after the runs before it trained."""
     for run in runs:
-        path = {**sweep.train, **run.options}.get("ica_template_path")
+        path = resolved_options(sweep, run, out).get("ica_template_path")
         if path and not Path(path).is_file() and read_done(run_dir(out, run)) is None:
             raise UsageError(f"run {run.run_id}: ica_template_path {path} not found (relative paths are taken from the sweep "
                              "file's folder); build it first with `fnscale templates build ... --output FOLDER`")
@@ -315,13 +310,12 @@ def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: b
     chosen = [] if report_only else [sweep.runs[i] for i in only] if only else sweep.runs
     check_inputs(sweep, chosen, out)
     trained, skipped = [], []
-    if not only:
-        score_base(sweep, out)  # first, so a broken eval setup fails before any training
+    base = None if only else score_base(sweep, out)  # first, so a broken eval setup fails before any training
     for k, run in enumerate(chosen, 1):
         log.info("[%d/%d] %s", k, len(chosen), run.run_id)
         (trained if execute(sweep, run, out) else skipped).append(run.run_id)
     result = {"trained": trained, "skipped": skipped, "report": None}
     if not only:
         done = {r.run_id: read_done(run_dir(out, r)) for r in sweep.runs}
-        result["report"] = sweep_report.write_all(sweep, score_base(sweep, out), done, out)
+        result["report"] = sweep_report.write_all(sweep, base, done, out)
     return result

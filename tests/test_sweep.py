@@ -92,6 +92,8 @@ def test_load_expands_runs_and_grid_over_seeds(tmp_path):
     ({"runs": []}, "no runs"),
     ({"reference": "nope"}, "not a run name"),
     ({"eval": {"output": "x"}}, "sweep chooses the models"),
+    ({"eval": {"gguf-file": "x.gguf"}}, "sweep chooses the models"),  # dashes read as underscores before the check
+    ({"eval": {"max_seq_lenth": 32}}, "eval: unknown option(s) max_seq_lenth; see `fnscale eval --help`"),
     ({"grid": {"axes": {"learning_rate": 1e-4}}}, "non-empty list"),
 ])
 def test_bad_sweep_files_are_one_line_usage_errors(tmp_path, change, message):
