@@ -26,7 +26,7 @@ from fnscale.distributed import broadcast_from_main, uses_deepspeed, zero3_gathe
 from fnscale.errors import UsageError
 from fnscale.masking.apply import apply_masks
 from fnscale.masking.build import build_masks
-from fnscale.masking.guard import masked_slices, protect_masked_weights
+from fnscale.masking.guard import MaskedWeightGuard, masked_slices
 from fnscale.masking.slices import SliceDeltas
 from fnscale.masking.update import GradientHold
 from fnscale.mlp import find_mlp_layers, unwrap
@@ -138,7 +138,9 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str, templa
         deltas = SliceDeltas(model, masks, site, cfg.weight_decay)
     # The guard zeroes LoRA slices now, before ZeRO partitions them. Under ZeRO-3 full fine-tuning the dense
     # weights are already partitioned and cannot be snapshotted: zero gradient + no decay keeps them instead.
-    guard = protect_masked_weights(model, masks, site=site) if lora or not zero3 else None
+    snapshot = lora or not zero3
+    slices = masked_slices(model, masks, site, snapshot=snapshot) if snapshot or effect == "update" else []
+    guard = MaskedWeightGuard(slices) if snapshot else None
     decay_free: set[int] = set()
     if zero3 and not lora:
         for index in masks:
@@ -146,7 +148,7 @@ def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str, templa
                 base = unwrap(module)
                 decay_free.update(id(p) for p in base.parameters(recurse=False) if p.requires_grad)
     compact = {"auto": None, "on": True, "off": False}[cfg.compact]
-    hold = GradientHold(masked_slices(model, masks, site, snapshot=False)) if effect == "update" else None
+    hold = GradientHold(slices) if effect == "update" else None
     log.info("masks: %s-%s%s, components %s on %d layers at site %s (%.1f%% of their neurons kept)%s", cfg.mask_mode, effect,
              " (random control)" if cfg.mask_control == "random" else "", ids, len(masks), site, 100 * kept,
              "; optimizer state for the trained slices only" if deltas is not None else "")

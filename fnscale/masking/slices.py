@@ -44,10 +44,16 @@ class _Delta:
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
+    def on_device(self) -> torch.Tensor:
+        """The index on the weight's device, moved once (the deltas are made before `accelerator.prepare` moves the model)."""
+        if self.index.device != self.delta.device:
+            self.index = self.index.to(self.delta.device)
+        return self.index
+
     def forward_hook(self, module, args, out):
         x = args[0]
         lin = self.delta.t() if self.conv1d else self.delta  # as a Linear weight: [kept, in] or [out, kept]
-        index = self.index if self.index.device == out.device else self.index.to(out.device)
+        index = self.on_device()
         if self.side == "out":
             return out.index_add(-1, index, x @ lin.t().to(x.dtype))
         return out + x.index_select(-1, index) @ lin.t().to(x.dtype)
@@ -95,7 +101,7 @@ class SliceDeltas:
             for p in group["params"]:
                 d = self._by_id.get(id(p))
                 if d is not None and p.grad is not None:
-                    p.sub_(group["lr"] * self.weight_decay * (d.weight.index_select(d.dim, d.index) + p))
+                    p.sub_(group["lr"] * self.weight_decay * (d.weight.index_select(d.dim, d.on_device()) + p))
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -104,7 +110,7 @@ class SliceDeltas:
         while self._deltas:
             d = self._deltas.pop()
             d.handle.remove()
-            d.weight.index_add_(d.dim, d.index.to(d.weight.device), d.delta.to(d.weight.dtype))
+            d.weight.index_add_(d.dim, d.on_device(), d.delta.to(d.weight.dtype))
             delattr(d.module, DELTA)
             d.weight.requires_grad_(True)
         self._by_id = {}

@@ -12,25 +12,10 @@ undoes weight decay (ZeRO-3 full FT, where slices cannot be written: those tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from torch import nn
 
 from fnscale.errors import UsageError
 from fnscale.mlp import find_mlp_layers
-
-
-def _zero_slices(dim: int, index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    copies: dict[torch.device, torch.Tensor] = {}
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        idx = copies.get(grad.device)
-        if idx is None:
-            idx = copies[grad.device] = index.to(grad.device)
-        return grad.index_fill(dim, idx, 0.0)
-
-    return hook
 
 
 class GradientHold:
@@ -38,7 +23,7 @@ class GradientHold:
     `remove()` takes them off (idempotent)."""
 
     def __init__(self, slices):
-        self._handles = [s.param.register_hook(_zero_slices(s.dim, s.index)) for s in slices]
+        self._handles = [s.param.register_hook(lambda grad, s=s: grad.index_fill(s.dim, s.on_device(), 0.0)) for s in slices]
         self.num_tensors = len(self._handles)
 
     def remove(self) -> None:

@@ -59,9 +59,9 @@ class _ActivationPasses:
             yield acts
 
 
-def _plan_cache(budget, samples, cap: ActivationCapture, kind: str) -> bool:
+def _plan_cache(budget, samples, cap: ActivationCapture, passes_after_first: int) -> bool:
     """Cache on every rank or on none (ranks must run the same forwards): each rank plans for its share."""
-    fits = cache.plan_cache(budget, sum(len(s) for s in samples), cap.width * len(cap.layers), int(kind == "temporal"))
+    fits = cache.plan_cache(budget, sum(len(s) for s in samples), cap.width * len(cap.layers), passes_after_first)
     return all(torch_all_gather(fits))
 
 
@@ -119,7 +119,7 @@ def build_templates(
         # oversample 20 (not 10): the folded pass truncates under running standardisations, per rank
         decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20)
                 for _ in groups]
-        keep = _plan_cache(cache_budget_gb, mine, cap, kind)
+        keep = _plan_cache(cache_budget_gb, mine, cap, decs[0].n_passes - 1)
         stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, keep, progress and rank == 0)
 
         def feed(desc: str, update) -> None:
@@ -159,7 +159,7 @@ def tokenize_samples(tokenizer, sources: Sequence, samples_per_dataset: int, max
 
 def run_build(cfg: TemplatesBuildConfig) -> dict:
     """`fnscale templates build`: load, capture (sharded under accelerate launch), decompose, save atomically."""
-    from fnscale.distributed import make_accelerator, zero3_gathering, zero_stage
+    from fnscale.distributed import make_accelerator, zero3_gathering
     from fnscale.mlp import find_mlp_layers
     from fnscale.placement import placement
     from fnscale.placement import summary as placement_summary
