@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,6 +59,17 @@ def write_text(target: str | os.PathLike, text: str) -> None:
 
 def write_json(target: str | os.PathLike, obj, indent: int | None = 2) -> None:
     write_text(target, json.dumps(obj, indent=indent) + "\n")
+
+
+def finite(obj):
+    """JSON has no inf/nan: a copy of `obj` with them as None (null), for reports that a strict parser must read."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 @contextlib.contextmanager

@@ -13,11 +13,10 @@ import logging
 
 import torch
 
+from fnscale.config import ATTN_IMPLEMENTATIONS
 from fnscale.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def flash_available() -> bool:
@@ -26,8 +25,8 @@ def flash_available() -> bool:
 
 def check(choice: str, packing: bool, group_by_length: bool, dtype: str) -> None:
     """Impossible combinations, before any model is loaded."""
-    if choice not in CHOICES:
-        raise UsageError(f"unknown --attn-implementation {choice!r}; use {', '.join(CHOICES)}")
+    if choice not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"unknown --attn-implementation {choice!r}; use {', '.join(ATTN_IMPLEMENTATIONS)}")
     if packing and group_by_length:
         raise UsageError("--packing already fills rows with whole examples; drop --group-by-length")
     if choice != "flash_attention_2":

@@ -21,6 +21,8 @@ PCA_BACKENDS = ("auto", "cuml", "torch", "numpy")  # numpy: float64 on the CPU
 PCA_BACKEND_ALIASES = {"sklearn": "numpy"}  # the numpy backend's former name, still accepted
 CL_METRICS = ("token_accuracy", "exact_match")  # scores the continual-learning matrix R can hold
 MASK_EFFECTS = ("update", "forward")  # how a mask acts in training: frozen weights, or zeroed activations
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # --attn-implementation (see attention.py)
+DEVICE_MAPS = ("auto",)  # --device-map: one process, the model split over this node's devices (see placement.py)
 
 
 def opt(default, help: str, choices=None, flag: str | None = None, secondary: str | None = None):
@@ -36,7 +38,7 @@ class TrainConfig:
     dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
     attn_implementation: str = opt("auto", "attention kernel (auto: flash_attention_2 on CUDA with --packing when flash-attn is installed, "
-                                   "else sdpa)", ["auto", "sdpa", "eager", "flash_attention_2"])
+                                   "else sdpa)", list(ATTN_IMPLEMENTATIONS))
     # data
     dataset: tuple[str, ...] = opt((), "SFT data: file, folder or glob of .json/.jsonl/.csv/.parquet (.gz too), or hub NAME[:CONFIG[:SPLIT]]; "
                                    "a trailing :WEIGHT scales how many of its examples are used (old.jsonl:0.2), or a .yaml list of "
@@ -148,7 +150,8 @@ class TemplatesBuildConfig:
     gguf_file: str | None = opt(None, "GGUF file inside MODEL")
     trust_remote_code: bool = opt(False, "allow custom model code from the hub")
     # one process, several devices (see fnscale/placement.py)
-    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)", ["auto"])
+    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)",
+                                 list(DEVICE_MAPS))
     max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
     offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
     # distribution
@@ -193,7 +196,8 @@ class EvalConfig:
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
     output: str = opt("runs/eval", "folder for report.json, report.md, the plot and TensorBoard scalars")
     # one process, several devices (see fnscale/placement.py)
-    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)", ["auto"])
+    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)",
+                                 list(DEVICE_MAPS))
     max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
     offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
 

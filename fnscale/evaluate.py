@@ -247,8 +247,8 @@ class LoadedVariant:
     base's own module objects are put back afterwards: LoRA never writes to them unless merged.
     """
 
-    def __init__(self, v: Variant, base, cfg: EvalConfig, dtype, device):
-        self.v, self.base, self.cfg, self.dtype, self.device = v, base, cfg, dtype, device
+    def __init__(self, v: Variant, base, cfg: EvalConfig, dtype, device, place: dict | None = None):
+        self.v, self.base, self.cfg, self.dtype, self.device, self.place = v, base, cfg, dtype, device, place
         self.model, self.originals = None, {}
 
     def __enter__(self):
@@ -265,7 +265,7 @@ class LoadedVariant:
                 raise UsageError(f"adapter {self.v.path} does not fit the base model: {str(err).splitlines()[0][:200]}") from err
         else:
             src = models.ModelSource(self.v.path, self.v.label)
-            self.model = load_placed(src, self.dtype, self.cfg, self.device)
+            self.model = load_placed(src, self.dtype, self.place, self.cfg.trust_remote_code, self.device)
         self.model.eval()
         return self.model
 
@@ -287,10 +287,10 @@ class LoadedVariant:
         self.originals = {}
 
 
-def load_placed(source, dtype, cfg: EvalConfig, device):
-    """A model on `device`, or split over devices with --device-map auto (inputs go to `placement.input_device`)."""
-    place = placement.placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)
-    model = models.load_model(source, dtype, None, cfg.trust_remote_code, placement=place)
+def load_placed(source, dtype, place: dict | None, trust_remote_code: bool, device):
+    """A model on `device`, or split over devices as `place` (from --device-map auto) says; inputs then go to
+    `placement.input_device`."""
+    model = models.load_model(source, dtype, None, trust_remote_code, placement=place)
     if place is None:
         return model.to(device)
     log.info("device map of %s: %s", source.display_name, placement.summary(model))
@@ -323,7 +323,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pick a folder")
-    placement.placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # checked before anything heavy
+    place = placement.placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # checked before anything heavy
     device = models.pick_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     source = models.resolve_model(cfg.model, cfg.gguf_file)
@@ -338,15 +338,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     ret_sources = [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))
     retention = {n: retention_items(tokenizer, s, cfg.max_seq_length, cfg.max_samples) for n, s in zip(corpus_names(ret_sources), ret_sources)}
 
-    base = load_placed(source, dtype, cfg, device)
-    if cfg.device_map:
+    base = load_placed(source, dtype, place, cfg.trust_remote_code, device)
+    if place is not None:
         device = placement.input_device(base)
     results = []
     for v in variants:
         log.info("scoring %s", v.label)
         if v.path:
             v.notes.extend(_training_notes(v, cfg))
-        with LoadedVariant(v, base, cfg, dtype, device) as model:
+        with LoadedVariant(v, base, cfg, dtype, device, place) as model:
             scores = score_model(model, tokenizer, tasks, retention, cfg, device)
         results.append({"label": v.label, "kind": v.kind, "path": v.path, **scores})
 

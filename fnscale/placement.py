@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
+from fnscale.config import DEVICE_MAPS
 from fnscale.errors import UsageError
 
-DEVICE_MAPS = ["auto"]
 _NAMED = ("cpu", "mps", "disk")
 
 

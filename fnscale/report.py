@@ -10,7 +10,7 @@ import math
 import re
 from pathlib import Path
 
-from fnscale.atomic import atomic_dir, atomic_path, write_json, write_text
+from fnscale.atomic import atomic_dir, atomic_path, finite, write_json, write_text
 from fnscale.errors import UsageError
 from fnscale.scoring import CL_CONVENTION, cl_metrics
 
@@ -73,21 +73,10 @@ def build(meta: dict, results: list[dict], cl_metric: str | None = None) -> dict
     return rep
 
 
-def _finite(obj):
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_all(rep: dict, out: Path) -> dict[str, str]:
     out = Path(out)
     files = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / PLOT, "tensorboard": out / "tensorboard"}
-    write_json(files["json"], _finite({**rep, "files": {k: str(v) for k, v in files.items()}}))
+    write_json(files["json"], finite({**rep, "files": {k: str(v) for k, v in files.items()}}))
     write_text(files["markdown"], markdown(rep))
     plot(rep, files["plot"])
     tensorboard(rep, files["tensorboard"])

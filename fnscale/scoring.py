@@ -101,7 +101,7 @@ def sharded_loss(model, bs: list[dict], accelerator) -> float:
         total, count = reduced_sums(model, bs, accelerator, accelerator.device)
     finally:
         model.train()
-    return total / count if count > 0 else float("nan")
+    return loss_stats(total, count)["loss"]
 
 
 # ---------------------------------------------------------------- retention corpora

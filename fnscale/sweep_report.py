@@ -7,12 +7,11 @@ Pareto-optimal when no other has at least its gain and at most its cost, one of 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
-from fnscale.atomic import atomic_path, write_json, write_text
+from fnscale.atomic import atomic_path, finite, write_json, write_text
 
 PLOT = "pareto.png"
 
@@ -126,12 +125,13 @@ def _share(x) -> str:
 def plot(rep: dict, target: Path) -> None:
     """Task gain vs retention cost: runs as dots, configuration means with spread, the Pareto front starred."""
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(7.5, 5))  # no pyplot: the caller's backend and figures are left alone
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, c in enumerate(rep["configs"]):
         color = colors[i % len(colors)]
         rs = [r for r in rep["runs"] if r["name"] == c["name"] and r["retention_cost_pct"] is not None]
@@ -153,7 +153,6 @@ def plot(rep: dict, target: Path) -> None:
     fig.tight_layout()
     with atomic_path(target, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def write_all(sweep, base: dict, done: dict[str, dict | None], out: Path) -> dict:
@@ -167,13 +166,8 @@ def write_all(sweep, base: dict, done: dict[str, dict | None], out: Path) -> dic
     }
     files = {"json": str(out / "sweep.json"), "markdown": str(out / "sweep.md"), "plot": str(out / PLOT)}
     rep["files"] = files
-    write_json(files["json"], _finite(rep))
+    write_json(files["json"], finite(rep))
     write_text(files["markdown"], markdown(rep))
     plot(rep, Path(files["plot"]))
     return rep
 
-
-
-def _finite(obj):
-    """JSON has no inf/nan: write them as null."""
-    return json.loads(json.dumps(obj), parse_constant=lambda _: None)
