@@ -172,13 +172,14 @@ def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, off
     if side == "out" and getattr(base, "bias", None) is not None:
         tensors.append(("bias", base.bias, 0))
     for tname, tensor, dim in tensors:
-        if tensor.requires_grad and not snapshot:
-            slices.append(_Slice(f"{label}.{tname}", tensor, dim, index.to(tensor.device), None))
-        elif tensor.requires_grad:
+        if not tensor.requires_grad:
+            continue
+        idx, saved = index.to(tensor.device), None
+        if snapshot:
             _refuse_partitioned(tensor, label)
-            idx = index.to(tensor.device)
             saved = tensor.detach().index_select(dim, idx)
-            slices.append(_Slice(f"{label}.{tname}", tensor, dim, idx, saved.cpu() if offload else saved, offload))
+            saved = saved.cpu() if offload else saved
+        slices.append(_Slice(f"{label}.{tname}", tensor, dim, idx, saved, offload))
     if base is not module:
         slices += _lora_slices(module, label, index, side)
     return slices
