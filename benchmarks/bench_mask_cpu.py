@@ -20,7 +20,7 @@ import time
 import torch
 
 from fnscale.masking import apply_masks, build_masks, find_mlp_layers, protect_masked_weights
-from fnscale.train import make_optimizer
+from fnscale.recipes.train import make_optimizer
 
 TARGETS = {"lesion": ("<= 1.02", 1.02), "preserve": ("<= 0.6", 0.6)}
 

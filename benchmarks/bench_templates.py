@@ -23,7 +23,7 @@ import time
 def _model(tiny: bool):
     import torch
 
-    from fnscale import models
+    from fnscale.models import loading
 
     if tiny:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,8 +32,8 @@ def _model(tiny: bool):
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=256)
         return LlamaForCausalLM(cfg).eval(), 256
-    source = models.resolve_model(None)
-    model = models.load_model(source, torch.float32).eval()
+    source = loading.resolve_model(None)
+    model = loading.load_model(source, torch.float32).eval()
     return model, model.config.vocab_size
 
 
@@ -42,7 +42,7 @@ def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, component
     import psutil
     import torch
 
-    from fnscale.networks.build import _batches, build_templates
+    from fnscale.recipes.build_networks import _batches, build_templates
 
     model, vocab = _model(tiny)
     rng = np.random.default_rng(0)

@@ -97,7 +97,7 @@ class Meter:
 
 def run_fnscale(model: str, data: Path, out: Path, steps: int, packing: bool, meter: Meter) -> None:
     from fnscale.config import TrainConfig
-    from fnscale.train import build_model, train
+    from fnscale.recipes.train import build_model, train
 
     def build_and_hook(cfg, accelerator):
         source, tokenizer, m = build_model(cfg, accelerator)
@@ -183,7 +183,7 @@ def main() -> None:
         if args.tiny:
             model = tiny_model(Path(tmp) / "tiny")
         else:
-            from fnscale.models import resolve_model
+            from fnscale.models.loading import resolve_model
 
             model = str(resolve_model(None).path)
         names = [n for n in CONFIGS if n != "TRL SFTTrainer" or _has_trl()]

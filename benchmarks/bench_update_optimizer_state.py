@@ -17,12 +17,12 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fnscale import models
 from fnscale.config import TrainConfig
 from fnscale.masking.setup import setup_masks
-from fnscale.mlp import find_mlp_layers
+from fnscale.models import loading
+from fnscale.models.mlp import find_mlp_layers
 from fnscale.networks.templates import Templates
-from fnscale.train import make_optimizer
+from fnscale.recipes.train import make_optimizer
 
 MIB = 2**20
 
@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--output", default="/tmp/bench_update_tpl.json")
     args = parser.parse_args()
-    path = models.resolve_model(None).path
+    path = loading.resolve_model(None).path
     tok = AutoTokenizer.from_pretrained(path)
     layers = find_mlp_layers(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     width, rng = layers[0].width, np.random.default_rng(0)

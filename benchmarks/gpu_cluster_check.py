@@ -45,10 +45,10 @@ def worker(report: str, argv: list[str]) -> None:
 
     import torch
 
-    from fnscale.cli import train as train_command
+    from fnscale.cli.app import train as train_command
     from fnscale.config import TrainConfig
     from fnscale.errors import FnscaleError
-    from fnscale.train import save_final, train
+    from fnscale.recipes.train import save_final, train
 
     def measured(accelerator, model, tokenizer, cfg):
         if accelerator.is_main_process:
@@ -172,7 +172,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fnscale_cluster_check_"))
     model = tiny_model(workdir / "tiny") if args.smoke else args.model
     if model == "default":
-        from fnscale.models import resolve_model
+        from fnscale.models.loading import resolve_model
 
         model = resolve_model(None).path  # converts the embedded GGUF once (offline)
     template = random_template(model, workdir / "template.json")

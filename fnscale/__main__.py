@@ -14,7 +14,7 @@ _root = os.path.dirname(_pkg)
 _shadowing = {_pkg} | ({_root} if os.path.isdir(os.path.join(_root, "kernels")) else set())
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in _shadowing]
 
-from fnscale.cli import main  # noqa: E402
+from fnscale.cli.app import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,8 @@ def _version(dist: str) -> str | None:
 def report() -> str:
     import torch
 
-    from fnscale.model_paths import default_gguf_path
-    from fnscale.models import hf_token, pick_device
+    from fnscale.models.loading import hf_token, pick_device
+    from fnscale.models.paths import default_gguf_path
 
     lines = [f"fnscale     {_version('fnscale') or 'source tree'}", f"python      {sys.version.split()[0]}", f"platform    {platform.platform()}"]
     dev = pick_device()

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from fnscale.errors import UsageError
-from fnscale.model_paths import local_config_folder
+from fnscale.models.paths import local_config_folder
 from fnscale.networks.templates import Templates
 
 

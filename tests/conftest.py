@@ -46,7 +46,7 @@ def _save(model, tok, path):
 
 @pytest.fixture(autouse=True)
 def _root_log_handlers_restored():
-    """`fnscale.cli.main()` called in-process configures logging on the stream that is sys.stderr then (a test's
+    """`fnscale.cli.app.main()` called in-process configures logging on the stream that is sys.stderr then (a test's
     capture); a later test logging through it would write to that closed stream ("--- Logging error ---", with a
     traceback that the no-traceback checks of test_errors.py then find). `datasets` does the same for its own
     logger when first imported, hence its import at the top of this file."""

@@ -131,7 +131,7 @@ def read_traces(trace_dir: Path) -> dict[int, dict]:
 
 def train_config(argv: list[str]):
     """`fnscale train` flags (argv[0] == "train") as a TrainConfig, parsed by the CLI's own Click command."""
-    from fnscale.cli import train as train_command
+    from fnscale.cli.app import train as train_command
     from fnscale.config import TrainConfig
 
     assert argv[0] == "train", argv
@@ -144,9 +144,9 @@ def _probe_main() -> None:
     import hashlib
     import logging
 
-    from fnscale.distributed import exit_process
     from fnscale.errors import FnscaleError, RunError
-    from fnscale.train import build_model, save_final, train
+    from fnscale.recipes.train import build_model, save_final, train
+    from fnscale.runtime.distributed import exit_process
 
     logging.basicConfig(level=logging.INFO)
     trace = Path(os.environ["FNSCALE_TEST_TRACE"])

@@ -7,10 +7,10 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from fnscale.errors import UsageError
-from fnscale.networks.build import build_templates
 from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.templates import Templates
 from fnscale.preflight import parse_layers
+from fnscale.recipes.build_networks import build_templates
 
 
 def test_parse_layers():
@@ -119,7 +119,7 @@ def test_zero_samples_and_too_many_components(tiny_llama):
 
 
 def test_templates_cli_round_trip(tiny_llama, sft_file, tmp_path):
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     runner = CliRunner()
     a, b = tmp_path / "a", tmp_path / "b"
@@ -143,7 +143,7 @@ def test_templates_build_config_file_and_flags(tiny_llama, sft_file, tmp_path):
     """--config supplies options (model and datasets too); flags given on the command line beat it."""
     import yaml
 
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     cfg = tmp_path / "build.yaml"
     cfg.write_text(yaml.safe_dump({"model": tiny_llama, "dataset": [sft_file], "components": 2, "percentile": 95,
@@ -166,7 +166,7 @@ def test_templates_build_config_file_and_flags(tiny_llama, sft_file, tmp_path):
     ((None, (), None, ()), None, []),
 ])
 def test_templates_build_positional_and_named_forms(args, model, datasets):
-    from fnscale.cli_templates import model_and_datasets
+    from fnscale.cli.templates import model_and_datasets
 
     assert model_and_datasets(*args) == (model, datasets)
 
@@ -175,7 +175,7 @@ def test_templates_build_reads_custom_columns_like_train(tiny_llama, sft_file, t
     """Data that `train` reads with --prompt-column/--response-column is read the same way by `templates build`."""
     import json
 
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     rows = [json.loads(line) for line in open(sft_file)]
     custom = tmp_path / "custom.jsonl"

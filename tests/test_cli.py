@@ -11,7 +11,7 @@ from fnscale.config import EvalConfig, TemplatesBuildConfig, TrainConfig
 PROBE = """
 import sys
 from click.testing import CliRunner
-from fnscale.cli import cli
+from fnscale.cli.app import cli
 res = CliRunner().invoke(cli, {argv!r})
 assert res.exit_code == 0, res.output
 print("torch" in sys.modules)
@@ -27,14 +27,14 @@ def test_help_imports_no_torch(argv):
 
 def test_cli_modules_import_in_any_order():
     """Each cli module imports alone in a fresh interpreter (a cycle would fail for one of the orders)."""
-    for first in ("fnscale.cli_options", "fnscale.cli_eval", "fnscale.cli_templates", "fnscale.cli"):
-        out = subprocess.run([sys.executable, "-c", f"import {first}; import fnscale.cli"], capture_output=True, text=True, timeout=120)
+    for first in ("fnscale.cli.options", "fnscale.cli.eval", "fnscale.cli.templates", "fnscale.cli.app"):
+        out = subprocess.run([sys.executable, "-c", f"import {first}; import fnscale.cli.app"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.parametrize("cls,command", [(TrainConfig, ["train"]), (TemplatesBuildConfig, ["templates", "build"]), (EvalConfig, ["eval"])])
 def test_every_config_field_is_an_option_with_its_default(cls, command):
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     cmd = cli
     for name in command:

@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 
 from fnscale.config import EvalConfig, TemplatesBuildConfig
 from fnscale.errors import UsageError
-from fnscale.evaluate import run_eval
-from fnscale.networks.build import run_build
+from fnscale.models.placement import parse_max_memory, placement
 from fnscale.networks.templates import Templates
-from fnscale.placement import parse_max_memory, placement
+from fnscale.recipes.build_networks import run_build
+from fnscale.recipes.evaluate import run_eval
 
 CAP = "60KB"  # the tiny Llama is ~92 KB in fp32: the embedding stays on the CPU, the decoder layers go to disk
 

@@ -7,9 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from fnscale import data, trackers
+from fnscale import data
 from fnscale.data import mixing, schemas, tokenize
 from fnscale.errors import UsageError
+from fnscale.runtime import trackers
 
 CHAT = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
         "{% if add_generation_prompt %}<s> assistant :{% endif %}")
@@ -260,7 +261,7 @@ def test_second_run_reuses_the_tokenisation_cache(tmp_path, chat_tok, monkeypatc
 def test_data_show_json(tmp_path, chat_tok, capsys):
     from transformers import LlamaConfig
 
-    from fnscale.cli import main
+    from fnscale.cli.app import main
 
     model = tmp_path / "tok"
     chat_tok.save_pretrained(model)
@@ -320,8 +321,8 @@ def test_report_to_several_trackers(monkeypatch, tmp_path):
 
 def test_train_with_a_replay_mix_reports_examples_per_dataset(tiny_llama, sft_file, tmp_path):
     from fnscale.config import TrainConfig
-    from fnscale.metrics import read_metrics
-    from fnscale.train import train
+    from fnscale.recipes.train import train
+    from fnscale.runtime.metrics import read_metrics
 
     _, old = _pair(tmp_path)
     cfg = TrainConfig(model=tiny_llama, dataset=(sft_file, f"{old}:0.5"), output_dir=str(tmp_path / "out"), max_seq_length=64,

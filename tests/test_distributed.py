@@ -28,8 +28,8 @@ import yaml
 from helpers_dist import CONFIGS, REPO, children, clean_env, finish, launch_cmd, ok, read_traces, run, start, wait_for, write_uniform_sft
 from safetensors.torch import load_file
 
-from fnscale import checkpoints, distributed
 from fnscale.errors import UsageError
+from fnscale.runtime import checkpoints, distributed
 
 SLURM = REPO / "slurm"
 NEURONS = {0: [1, 5, 9, 30, 41], 1: [0, 2, 33, 60]}  # component 0 of the test template (intermediate size 64)

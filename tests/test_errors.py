@@ -94,7 +94,7 @@ def _check(code, out, err, expect_code, expect_text):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_in_process(files, case, capsys):
-    from fnscale.cli import main
+    from fnscale.cli.app import main
 
     (files["dir"] / "c.yaml").write_text("no_such_option: 1\n")
     _, argv, code, text = case
@@ -106,7 +106,7 @@ def test_bad_input_in_process(files, case, capsys):
 
 @pytest.mark.parametrize("case", CASES[:6], ids=[c[0] for c in CASES[:6]])
 def test_bad_input_click_runner(files, case):
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     _, argv, code, text = case
     res = CliRunner().invoke(cli, argv(files))
@@ -126,8 +126,8 @@ def test_debug_shows_the_traceback(files):
 
 
 def test_missing_deepspeed_config_is_refused(monkeypatch):
-    from fnscale.distributed import check_launch_env
     from fnscale.errors import UsageError
+    from fnscale.runtime.distributed import check_launch_env
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "/nowhere/ds.json")
@@ -148,7 +148,7 @@ def test_disk_full_while_saving_leaves_nothing_half_written(files, tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
-    from fnscale.cli import main
+    from fnscale.cli.app import main
 
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
@@ -182,7 +182,7 @@ def test_token_never_printed_or_logged(files, tmp_path):
 def test_template_checked_against_a_converted_gguf_before_torch_loads(files, tmp_path, monkeypatch):
     """A .gguf --model already converted into the cache: the template is checked against the cached config.json
     before torch is imported (the file itself is not a loadable model, so reaching the load would fail otherwise)."""
-    from fnscale.model_paths import converted_folder
+    from fnscale.models.paths import converted_folder
 
     cache = tmp_path / "cache"
     env = {**ENV, "FNSCALE_CACHE": str(cache)}
@@ -192,7 +192,7 @@ def test_template_checked_against_a_converted_gguf_before_torch_loads(files, tmp
     (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "intermediate_size": 64, "hidden_size": 32}))
     argv = _train(files, "--mask-mode", "lesion", "--ica-template-path", str(files["dir"] / "narrow.json"), "--ica-component-ids", "0",
                   model=str(files["dir"] / "odd.gguf"))
-    probe = "import sys\nfrom fnscale.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch imported:', 'torch' in sys.modules)\n"
+    probe = "import sys\nfrom fnscale.cli.app import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch imported:', 'torch' in sys.modules)\n"
     res = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env, timeout=120)
     _check(res.returncode, res.stdout, res.stderr, 2, "model has 2 layers × 64 neurons")
     assert "torch imported: False" in res.stdout

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnscale import data, evaluate, scoring
+from fnscale import data
 from fnscale.errors import UsageError
-from fnscale.evaluate import EvalConfig, run_eval
-from fnscale.scoring import RetentionProbe, cl_metrics
+from fnscale.eval import scoring
+from fnscale.eval.scoring import RetentionProbe, cl_metrics
+from fnscale.recipes import evaluate
+from fnscale.recipes.evaluate import EvalConfig, run_eval
 
 RETENTION = "the sun rises in the east and sets in the west .\n\nwater boils at one hundred degrees .\n\nparis is the capital of france . berlin is the capital of germany .\n"
 
@@ -220,7 +222,7 @@ def test_cl_metrics_match_hand_computed_matrix():
 def _cli(args):
     from click.testing import CliRunner
 
-    from fnscale import cli
+    from fnscale.cli import app as cli
 
     return CliRunner().invoke(cli.cli, args, catch_exceptions=False)
 
@@ -292,7 +294,7 @@ def test_clear_errors(tiny_llama, finetuned, adapter, sft_file, tmp_path, monkey
 
 
 def test_cli_error_is_one_line(tiny_llama, tmp_path, capsys):
-    from fnscale.cli import main
+    from fnscale.cli.app import main
 
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--model", tiny_llama, "--task", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")])
@@ -352,7 +354,7 @@ def test_probe_measure_keys_values_and_mode(tiny_llama, retention_txt):
 
 def test_train_logs_retention_before_and_after(tiny_llama, sft_file, retention_txt, tmp_path):
     from fnscale.config import TrainConfig
-    from fnscale.train import train
+    from fnscale.recipes.train import train
 
     out = tmp_path / "run"
     summary = train(TrainConfig(model=tiny_llama, dataset=sft_file, output_dir=str(out), max_steps=2, batch_size=4, max_seq_length=64,

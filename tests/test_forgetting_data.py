@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from fnscale import data, sweep
+from fnscale import data
+from fnscale.recipes import sweep
 
 BENCH = Path(__file__).resolve().parent.parent / "examples" / "forgetting"
 

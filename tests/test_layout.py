@@ -101,8 +101,8 @@ def test_cycle_finder_sees_direct_and_indirect_cycles():
 
 def test_import_graph_resolves_absolute_relative_and_function_level_imports():
     graph = import_graph()
-    assert "fnscale.scoring" in graph["fnscale.train"]  # `from fnscale.scoring import ...`
-    assert "fnscale.data" in graph["fnscale.scoring"]  # `from fnscale import data`
+    assert "fnscale.eval.scoring" in graph["fnscale.recipes.train"]  # `from fnscale.eval.scoring import ...`
+    assert "fnscale.data" in graph["fnscale.eval.scoring"]  # `from fnscale import data`
     assert {"fnscale.kernels", "fnscale.networks"} <= set(graph)
 
 
@@ -113,13 +113,34 @@ def test_no_import_cycles_inside_fnscale():
     assert cycles(import_graph()) == []
 
 
-def test_recipes_do_not_import_each_other_and_core_does_not_import_recipes():
-    """Imports go one way: CLI -> recipes (train, templates build, eval) -> core. Training's loss and retention
-    helpers live in fnscale.scoring, not in the eval recipe; the report does not import the eval recipe."""
+def layer(module: str) -> str:
+    """cli, recipes or core: the three layers of the package (`python -m fnscale` is the CLI; kernels and the
+    other top-level modules are core)."""
+    if module == "fnscale.__main__":
+        return "cli"
+    for top in ("cli", "recipes"):
+        if module == f"fnscale.{top}" or module.startswith(f"fnscale.{top}."):
+            return top
+    return "core"
+
+
+def test_imports_run_one_way_cli_recipes_core():
+    """CLI -> recipes -> core: no core module (data, networks, masking, models, runtime, eval, ...) imports a recipe
+    or the CLI, and no recipe imports the CLI."""
+    allowed = {"cli": {"cli", "recipes", "core"}, "recipes": {"recipes", "core"}, "core": {"core"}}
+    wrong = [(m, d) for m, deps in import_graph().items() for d in deps if layer(d) not in allowed[layer(m)]]
+    assert wrong == []
+
+
+def test_layer_rule_sees_a_core_module_importing_a_recipe():
+    assert layer("fnscale.masking.setup") == "core" and layer("fnscale.recipes.train") == "recipes"
+    assert layer("fnscale.cli") == "cli" and layer("fnscale.kernels") == "core"
+
+
+def test_training_does_not_import_the_eval_recipe():
+    """Training's loss and retention helpers live in fnscale.eval.scoring, not in the eval recipe."""
     graph = import_graph()
-    assert "fnscale.evaluate" not in graph["fnscale.train"]
-    assert "fnscale.evaluate" not in graph["fnscale.report"]
-    assert "fnscale.evaluate" not in graph["fnscale.scoring"] and "fnscale.train" not in graph["fnscale.scoring"]
+    assert "fnscale.recipes.evaluate" not in graph["fnscale.recipes.train"]
 
 
 def test_no_function_over_80_lines_or_class_over_300():

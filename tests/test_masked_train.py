@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from fnscale.config import TrainConfig
-from fnscale.metrics import read_metrics
 from fnscale.networks.templates import Templates
-from fnscale.train import train
+from fnscale.recipes.train import train
+from fnscale.runtime.metrics import read_metrics
 
 NEURONS = {0: [1, 5, 9, 30, 41], 1: [0, 2, 33, 60]}
 

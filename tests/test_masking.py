@@ -388,9 +388,9 @@ def test_guard_offload_snapshot_restores():
 
 
 def test_mlp_discovery_imports_no_masking_machinery():
-    """Capture (templates build) finds MLPs through fnscale.mlp, without loading masking or the Triton kernels."""
+    """Capture (templates build) finds MLPs through fnscale.models.mlp, without loading masking or the Triton kernels."""
     code = (
-        "import sys, fnscale.networks.capture, fnscale.mlp; "
+        "import sys, fnscale.networks.capture, fnscale.models.mlp; "
         "loaded = sorted(m for m in sys.modules if m.startswith(('fnscale.masking', 'fnscale.kernels'))); "
         "assert not loaded, loaded"
     )
@@ -399,8 +399,8 @@ def test_mlp_discovery_imports_no_masking_machinery():
 
 def test_old_import_names_still_work():
     import fnscale.masking as masking
-    from fnscale import mlp
     from fnscale.masking import setup
+    from fnscale.models import mlp
 
     assert masking.find_mlp_layers is mlp.find_mlp_layers and masking.unwrap is mlp.unwrap
     assert masking.SITES == mlp.SITES and set(masking.__all__) <= set(dir(masking))

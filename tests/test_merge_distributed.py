@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fnscale.distributed import exit_process
 from fnscale.networks import RunningStats, StreamingDecomposer, merge_across_ranks, torch_all_gather
 from fnscale.networks.pca import IncrementalPCA, PCAState
+from fnscale.runtime.distributed import exit_process
 
 
 def _data(seed=31, n_tokens=2400, n_neurons=600, k=5, size=12, noise=1.0):

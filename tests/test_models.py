@@ -5,53 +5,53 @@ import time
 import pytest
 import torch
 
-from fnscale import models
 from fnscale.errors import UsageError
+from fnscale.models import loading
 
 
 def test_device_and_dtype_resolution():
-    assert models.pick_device("cpu").type == "cpu"
-    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert loading.pick_device("cpu").type == "cpu"
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loading.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(UsageError, match="--dtype"):
-        models.resolve_dtype("int3", torch.device("cpu"))
+        loading.resolve_dtype("int3", torch.device("cpu"))
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="not found"):
-        models.resolve_model(str(tmp_path / "nope"))
+        loading.resolve_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no config.json"):
-        models.resolve_model(str(tmp_path / "empty"))
+        loading.resolve_model(str(tmp_path / "empty"))
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    src = models.resolve_model("nobody/does-not-exist")
+    src = loading.resolve_model("nobody/does-not-exist")
     with pytest.raises(UsageError, match="hub is unreachable"):
-        models.load_tokenizer(src)
+        loading.load_tokenizer(src)
 
 
 def test_lora_targets_auto_and_checked(tiny_llama, tiny_gpt2):
-    llama = models.load_model(models.ModelSource(tiny_llama, "l"), torch.float32)
-    assert models.lora_targets(llama, None) == models.LLAMA_LIKE_TARGETS
+    llama = loading.load_model(loading.ModelSource(tiny_llama, "l"), torch.float32)
+    assert loading.lora_targets(llama, None) == loading.LLAMA_LIKE_TARGETS
     with pytest.raises(UsageError, match=r"not found.*available: .*q_proj"):
-        models.lora_targets(llama, ["q_proj", "wq"])
-    gpt2 = models.load_model(models.ModelSource(tiny_gpt2, "g"), torch.float32)
-    assert models.lora_targets(gpt2, None) == ["c_attn", "c_proj", "c_fc"]
+        loading.lora_targets(llama, ["q_proj", "wq"])
+    gpt2 = loading.load_model(loading.ModelSource(tiny_gpt2, "g"), torch.float32)
+    assert loading.lora_targets(gpt2, None) == ["c_attn", "c_proj", "c_fc"]
 
 
 def test_qlora_4bit_and_8bit_on_cpu(tiny_llama):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    src = models.ModelSource(tiny_llama, "l")
+    src = loading.ModelSource(tiny_llama, "l")
     for four in (True, False):
-        q = models.quantization_config(four, not four, torch.device("cpu"), torch.float32)
-        model = models.load_model(src, torch.float32, q, device_map={"": "cpu"})
+        q = loading.quantization_config(four, not four, torch.device("cpu"), torch.float32)
+        model = loading.load_model(src, torch.float32, q, device_map={"": "cpu"})
         cls = bnb.nn.Linear4bit if four else bnb.nn.Linear8bitLt
         assert any(isinstance(m, cls) for m in model.modules())
-        model = models.add_lora(model, 4, 8, 0.0, None, quantized=True)
+        model = loading.add_lora(model, 4, 8, 0.0, None, quantized=True)
         model.train()  # bitsandbytes' CPU inference path repacks weights and needs widths divisible by 32
         ids = torch.tensor([[2, 5, 6, 7, 3]])
         loss = model(input_ids=ids, labels=ids).loss
@@ -62,9 +62,9 @@ def test_qlora_4bit_and_8bit_on_cpu(tiny_llama):
 
 def test_qlora_refused_where_bitsandbytes_cannot_run():
     with pytest.raises(UsageError, match="does not support mps"):
-        models.quantization_config(True, False, torch.device("mps"), torch.float16)
+        loading.quantization_config(True, False, torch.device("mps"), torch.float16)
     with pytest.raises(UsageError, match="one of"):
-        models.quantization_config(True, True, torch.device("cpu"), torch.float32)
+        loading.quantization_config(True, True, torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.slow
@@ -72,14 +72,14 @@ def test_embedded_gguf_default_loads_and_is_cached(tmp_path, monkeypatch):
     """The real SmolLM2 GGUF converts once to a cached safetensors folder; the second resolve is instant."""
     monkeypatch.setenv("FNSCALE_CACHE", str(tmp_path))
     t0 = time.time()
-    src = models.resolve_model(None)
+    src = loading.resolve_model(None)
     first = time.time() - t0
     assert (tmp_path / "models").is_dir() and src.display_name == "SmolLM2-135M-Instruct"
     t0 = time.time()
-    assert models.resolve_model(None).path == src.path
+    assert loading.resolve_model(None).path == src.path
     assert time.time() - t0 < 1.0 < first
-    tok = models.load_tokenizer(src)
-    model = models.load_model(src, torch.float32)
+    tok = loading.load_tokenizer(src)
+    model = loading.load_model(src, torch.float32)
     assert model.config.num_hidden_layers == 30 and tok.chat_template
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)

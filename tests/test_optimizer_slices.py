@@ -14,12 +14,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from test_update_masks import GPT2_SLICES, LLAMA_SLICES, NEURONS, _cfg, _check_untouched, _template
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from fnscale.errors import UsageError
 from fnscale.masking.setup import _use_slices, setup_masks
 from fnscale.masking.slices import DELTA
-from fnscale.train import make_optimizer, train
+from fnscale.networks.templates import Templates
+from fnscale.recipes.train import make_optimizer, train
 
 ATOL = 1e-5
 IDS = torch.tensor([[2, 5, 6, 7, 9, 11, 4, 8]])
@@ -59,10 +60,9 @@ def test_slices_train_like_dense_update_masks(arch, weight_decay, request, sft_f
 
 
 def _setup(model_dir, template, slices, mode="preserve", **extra):
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    masker = setup_masks(_cfg(model_dir, None, "unused", template, mode, "update", optimizer_slices=slices, **extra), model, tok, None,
-                         Accelerator(cpu=True), "tiny")
+    cfg = _cfg(model_dir, None, "unused", template, mode, "update", optimizer_slices=slices, **extra)
+    masker = setup_masks(cfg, model, Accelerator(cpu=True), Templates.load(template))
     masker.attach(model)
     return model, masker
 

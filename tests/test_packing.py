@@ -10,14 +10,14 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from fnscale import data
-from fnscale.cli import cli
+from fnscale.cli.app import cli
 from fnscale.config import TrainConfig
 from fnscale.data import packing
 from fnscale.errors import UsageError
 from fnscale.masking import apply_masks, build_masks
-from fnscale.metrics import read_metrics
-from fnscale.mlp import find_mlp_layers
-from fnscale.train import train
+from fnscale.models.mlp import find_mlp_layers
+from fnscale.recipes.train import train
+from fnscale.runtime.metrics import read_metrics
 
 ATOL = 1e-5  # fp32; observed differences are ~1e-7 (different summation order inside the packed rows)
 

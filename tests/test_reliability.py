@@ -12,11 +12,11 @@ import time
 import pytest
 from helpers_dist import REPO, clean_env, launch_cmd, run, write_uniform_sft
 
-from fnscale import train as train_mod
 from fnscale.config import TrainConfig
-from fnscale.distributed import exit_process, raise_if_any_failed, shutdown
 from fnscale.errors import RunError, UsageError
 from fnscale.networks.templates import Templates
+from fnscale.recipes import train as train_mod
+from fnscale.runtime.distributed import exit_process, raise_if_any_failed, shutdown
 
 
 def _model_must_not_load(cfg, accelerator):

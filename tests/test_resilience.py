@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fnscale import train as train_mod
 from fnscale.config import TrainConfig
 from fnscale.errors import RunError
-from fnscale.metrics import read_metrics
+from fnscale.recipes import train as train_mod
+from fnscale.runtime.metrics import read_metrics
 
 
 def _poisoned(bad_calls):

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fnscale import sweep, sweep_report
 from fnscale.errors import RunError, UsageError
+from fnscale.eval import sweep_report
+from fnscale.recipes import sweep
 
 FNSCALE = [sys.executable, "-m", "fnscale"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from fnscale.errors import UsageError
 from fnscale.networks import cache
-from fnscale.networks.build import build_templates
 from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.decompose import StreamingDecomposer, decompose
 from fnscale.networks.pca import IncrementalPCA
 from fnscale.networks.templates import compare
+from fnscale.recipes.build_networks import build_templates
 
 
 def _min_cos(a, b):
@@ -181,7 +181,7 @@ def test_two_passes_match_three_on_a_model(tiny_gpt2):
 
 
 def test_cli_refuses_bad_cache_budget(tiny_llama, sft_file, tmp_path):
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     res = CliRunner().invoke(cli, ["templates", "build", tiny_llama, sft_file, "--cache-budget-gb", "lots", "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--cache-budget-gb 'lots' must be `auto` or a number of GB >= 0" in res.output

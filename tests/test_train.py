@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from fnscale.config import TrainConfig
-from fnscale.metrics import read_metrics
-from fnscale.train import train
+from fnscale.recipes.train import train
+from fnscale.runtime.metrics import read_metrics
 
 
 def cfg(model, data, out, **kw):
@@ -91,7 +91,7 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_llama, sft_file, tmp_path, ca
 
 
 def test_cli_help_lists_defaults():
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     for flag in ["--model", "--dataset", "--output-dir", "--lora / --no-lora", "--load-in-4bit", "--resume-from-checkpoint",
@@ -101,7 +101,7 @@ def test_cli_help_lists_defaults():
 
 
 def test_yaml_config_is_overridden_by_flags(tiny_llama, sft_file, tmp_path):
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     conf = tmp_path / "c.yaml"
     conf.write_text(f"model: {tiny_llama}\ndataset: {sft_file}\nmax_steps: 2\nlearning_rate: 0.001\nvalidation_split: 0.0\n")

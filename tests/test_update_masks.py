@@ -8,13 +8,13 @@ import torch
 from accelerate import Accelerator
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from fnscale.config import TrainConfig
 from fnscale.masking.setup import setup_masks
 from fnscale.networks.controls import random_like
 from fnscale.networks.templates import Templates
-from fnscale.train import train
+from fnscale.recipes.train import train
 
 NEURONS = {0: [1, 5, 9, 30, 41], 1: [0, 2, 33, 60]}
 LLAMA_SLICES = (("mlp.gate_proj.weight", 0), ("mlp.up_proj.weight", 0), ("mlp.down_proj.weight", 1))
@@ -79,13 +79,12 @@ def test_gpt2_update_masks_hold_cfc_columns_and_cproj_rows(tiny_gpt2, sft_file, 
 
 def _logits_after_setup(model_dir, template, mode, effect, **extra):
     """Logits of the model as the loop sees it at step 0 (masks set up and attached), and of the plain model."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor([[2, 5, 6, 7, 9, 11]])
     with torch.no_grad():
         plain = model(input_ids=ids).logits
     cfg = _cfg(model_dir, None, "unused", template, mode, effect, **extra)
-    masker = setup_masks(cfg, model, tok, None, Accelerator(cpu=True), "tiny")
+    masker = setup_masks(cfg, model, Accelerator(cpu=True), Templates.load(cfg.ica_template_path))
     masker.attach(model)
     with torch.no_grad():
         masked = model(input_ids=ids).logits
@@ -108,9 +107,9 @@ def test_forward_masks_change_the_forward_pass_as_before(tiny_llama, template64)
 
 
 def test_update_masks_zero_masked_gradients_only(tiny_llama, template64):
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    masker = setup_masks(_cfg(tiny_llama, None, "unused", template64, "lesion", "update"), model, tok, None, Accelerator(cpu=True), "tiny")
+    masker = setup_masks(_cfg(tiny_llama, None, "unused", template64, "lesion", "update"), model, Accelerator(cpu=True),
+                         Templates.load(template64))
     masker.attach(model)
     model(input_ids=torch.tensor([[2, 5, 6, 7, 9]]), labels=torch.tensor([[2, 5, 6, 7, 9]])).loss.backward()
     down = model.model.layers[0].mlp.down_proj.weight.grad
@@ -152,7 +151,7 @@ def test_mask_control_random_in_training_setup(tiny_llama, template64):
 
 
 def test_templates_random_cli_round_trip(template64, tmp_path):
-    from fnscale.cli import cli
+    from fnscale.cli.app import cli
 
     out = tmp_path / "r.json"
     res = CliRunner().invoke(cli, ["templates", "random", "--like", template64, "--seed", "4", "--output", str(out)])
@@ -178,7 +177,7 @@ def test_templates_random_cli_round_trip(template64, tmp_path):
     (["--mask-mode", "preserve", "--ica-component-ids", "0", "--no-lora", "--mask-effect", "forward", "--optimizer-slices", "on"], "--no-lora"),
 ])
 def test_bad_mask_options_one_line(tiny_llama, sft_file, template64, tmp_path, capsys, extra, text):
-    from fnscale.cli import main
+    from fnscale.cli.app import main
 
     argv = ["train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(tmp_path), "--max-steps", "1", "--report-to", "none",
             "--validation-split", "0", *extra]

@@ -1,6 +1,6 @@
 """Apply functional-network masks to a Hugging Face causal LM, and keep masked weights untouched.
 
-One module per job: `fnscale.mlp` finds the MLPs, `build` makes masks from selected neurons, `apply`
+One module per job: `fnscale.models.mlp` finds the MLPs, `build` makes masks from selected neurons, `apply`
 puts them on the model (hooks, compact MLP, Triton dispatch), `guard` keeps masked weights untouched, and
 `setup` wires them into training (templates, masks built on the main process and broadcast, the guard).
 
@@ -28,7 +28,7 @@ optimizer step is also correct, and cheap in lesion mode.
 from fnscale.masking.apply import KERNELS, MaskHandle, apply_masks
 from fnscale.masking.build import MODES, build_masks, check_masks
 from fnscale.masking.guard import MaskedWeightGuard, protect_masked_weights
-from fnscale.mlp import SITES, MLPLayer, find_mlp_layers, unwrap
+from fnscale.models.mlp import SITES, MLPLayer, find_mlp_layers, unwrap
 
 __all__ = [
     "KERNELS",

@@ -19,7 +19,7 @@ from fnscale import kernels
 from fnscale.errors import UsageError
 from fnscale.kernels import interpret_mode, set_forward, triton_importable
 from fnscale.masking.build import check_masks
-from fnscale.mlp import SITES, MLPLayer, find_mlp_layers
+from fnscale.models.mlp import SITES, MLPLayer, find_mlp_layers
 
 KERNELS = ("auto", "torch", "triton")
 

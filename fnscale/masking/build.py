@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fnscale.errors import UsageError
-from fnscale.mlp import MLPLayer
+from fnscale.models.mlp import MLPLayer
 
 MODES = ("lesion", "preserve")
 

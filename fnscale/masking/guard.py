@@ -15,7 +15,7 @@ from torch import nn
 
 from fnscale.errors import UsageError
 from fnscale.masking.build import check_masks
-from fnscale.mlp import SITES, find_mlp_layers, linear_features, unwrap
+from fnscale.models.mlp import SITES, find_mlp_layers, linear_features, unwrap
 
 _LORA_INITS = ("gaussian", "orthogonal", "eva")  # besides True/False: inits that leave base weights alone
 

@@ -1,4 +1,4 @@
-"""Masks for training: load (or compute) templates, build masks on the main process, broadcast them,
+"""Masks for training: from templates, build masks on the main process, broadcast them,
 apply them on every rank, and keep masked neurons' weights untouched.
 
 Untouched under each distribution mode:
@@ -17,42 +17,23 @@ those alone. ZeRO keeps the dense approach (its partitioned flat buffers are bui
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from fnscale.distributed import broadcast_from_main, uses_deepspeed, zero3_gathering, zero_stage
 from fnscale.errors import UsageError
 from fnscale.masking.apply import apply_masks
 from fnscale.masking.build import build_masks
 from fnscale.masking.guard import MaskedWeightGuard, masked_slices
 from fnscale.masking.slices import SliceDeltas
 from fnscale.masking.update import GradientHold
-from fnscale.mlp import find_mlp_layers, unwrap
+from fnscale.models.mlp import find_mlp_layers, unwrap
 from fnscale.networks.controls import random_like
 from fnscale.networks.templates import Templates
 from fnscale.preflight import parse_component_ids, parse_layers
+from fnscale.runtime.distributed import broadcast_from_main, uses_deepspeed, zero_stage
 
 log = logging.getLogger(__name__)
-
-
-def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
-    """Templates from the first --ica-samples training examples, saved in the output dir."""
-    from fnscale.networks.build import build_templates
-
-    samples = [ex["input_ids"] for ex in sft.train[: cfg.ica_samples]]
-    with zero3_gathering(model, accelerator):  # ZeRO-3: forwards gather the partitioned weights module by module, LoRA left alone
-        templates = build_templates(
-            model, samples, n_components=cfg.ica_components, percentile=cfg.ica_percentile, site=cfg.ica_site,
-            batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed, accelerator=accelerator,
-            model_name=model_name, datasets=[cfg.dataset or "default"],
-        )
-    if accelerator.is_main_process:
-        out = Path(cfg.output_dir) / "templates"
-        templates.save_folder(out)
-        log.info("computed %d functional networks on %d samples; saved in %s", cfg.ica_components, len(samples), out)
-    return templates
 
 
 class Masker:
@@ -106,16 +87,12 @@ class Masker:
         return out
 
 
-def setup_masks(cfg, model, tokenizer, sft, accelerator, model_name: str, templates: Templates | None = None) -> Masker:
-    """Everything before `accelerator.prepare`: templates, masks (main process, broadcast), weight guard.
+def setup_masks(cfg, model, accelerator, templates: Templates) -> Masker:
+    """Everything before `accelerator.prepare`: masks (main process, broadcast), weight guard, gradient holds.
 
-    `templates`: those of --ica-template-path as preflight loaded them (read from the file when not given)."""
+    `templates`: loaded from --ica-template-path or computed in the run by the train recipe."""
     ids = parse_component_ids(cfg.ica_component_ids)
     layers = find_mlp_layers(model)
-    if templates is None and cfg.ica_template_path:
-        templates = Templates.load(cfg.ica_template_path)
-    elif templates is None:
-        templates = compute_templates(cfg, model, tokenizer, sft, accelerator, model_name)
     site = templates.site
     width = layers[0].width if site == "intermediate" else layers[0].hidden
     templates.check_compatible(len(layers), width, site)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fnscale.masking.guard import masked_features, weight_dim
-from fnscale.mlp import linear_features, unwrap
+from fnscale.models.mlp import linear_features, unwrap
 
 DELTA = "fnscale_delta"  # the delta's parameter name on its module (in checkpoints, never in the saved model)
 

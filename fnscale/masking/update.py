@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from fnscale.errors import UsageError
-from fnscale.mlp import find_mlp_layers
+from fnscale.models.mlp import find_mlp_layers
 
 
 class GradientHold:

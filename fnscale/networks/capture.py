@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fnscale.errors import UsageError
-from fnscale.mlp import SITES, find_mlp_layers
+from fnscale.models.mlp import SITES, find_mlp_layers
 
 
 class _Captured(Exception):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fnscale.atomic import atomic_path, write_json, write_text
 from fnscale.config import SITES
 from fnscale.errors import UsageError
+from fnscale.runtime.atomic import atomic_path, write_json, write_text
 
 FORMAT = "fnscale-templates"
 VERSION = 1

@@ -24,18 +24,22 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from fnscale import attention, checkpoints, data, models, trackers
-from fnscale.atomic import atomic_dir, write_json
+from fnscale import data
 from fnscale.config import TrainConfig
 from fnscale.data import packing
-from fnscale.distributed import check_quantized_launch, make_accelerator, raise_if_any_failed, zero3_init_disabled, zero_stage
 from fnscale.errors import Interrupted, RunError, UsageError
-from fnscale.hub import push_folder
+from fnscale.eval.scoring import RetentionProbe, sharded_loss
 from fnscale.masking.setup import setup_masks
 from fnscale.masking.update import freeze_outside_mlps
-from fnscale.metrics import MetricsLog
+from fnscale.models import attention, loading
+from fnscale.models.hub import push_folder
+from fnscale.networks.templates import Templates
 from fnscale.preflight import check_template_fits_config, check_train_options
-from fnscale.scoring import RetentionProbe, sharded_loss
+from fnscale.recipes.build_networks import build_templates
+from fnscale.runtime import checkpoints, trackers
+from fnscale.runtime.atomic import atomic_dir, write_json
+from fnscale.runtime.distributed import check_quantized_launch, make_accelerator, raise_if_any_failed, zero3_gathering, zero3_init_disabled, zero_stage
+from fnscale.runtime.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +99,16 @@ class LogWindow:
 def build_model(cfg: TrainConfig, accelerator):
     """Tokenizer and model (with LoRA/QLoRA when asked); the main process converts GGUF first."""
     with accelerator.main_process_first():
-        source = models.resolve_model(cfg.model, cfg.gguf_file)
-    tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
-    dtype = models.resolve_dtype(cfg.dtype, accelerator.device)
-    quant = models.quantization_config(cfg.load_in_4bit, cfg.load_in_8bit, accelerator.device, dtype)
+        source = loading.resolve_model(cfg.model, cfg.gguf_file)
+    tokenizer = loading.load_tokenizer(source, cfg.trust_remote_code)
+    dtype = loading.resolve_dtype(cfg.dtype, accelerator.device)
+    quant = loading.quantization_config(cfg.load_in_4bit, cfg.load_in_8bit, accelerator.device, dtype)
     if quant is not None and not cfg.lora:
         raise UsageError("--load-in-4bit/--load-in-8bit train an adapter; drop --no-lora")
     if quant is not None:  # 8-bit + ZeRO-3, 4-bit storage dtype vs DeepSpeed's bf16/fp16 cast
         check_quantized_launch(accelerator, cfg.load_in_4bit, cfg.load_in_8bit, dtype)
     device_map = {"": accelerator.device} if quant is not None and zero_stage(accelerator) != 3 else None
-    model = models.load_model(source, dtype, quant, cfg.trust_remote_code, device_map=device_map)
+    model = loading.load_model(source, dtype, quant, cfg.trust_remote_code, device_map=device_map)
     if dtype == torch.float16 and not quant:
         # fp16 master weights diverge under AdamW; keep trainable weights in fp32, autocast does the rest.
         model = model.float()
@@ -113,7 +117,7 @@ def build_model(cfg: TrainConfig, accelerator):
         model.config.use_cache = False
     if cfg.lora:
         targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] if cfg.lora_target_modules else None
-        model = models.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, quant is not None, cfg.gradient_checkpointing)
+        model = loading.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, quant is not None, cfg.gradient_checkpointing)
     return source, tokenizer, model
 
 
@@ -142,12 +146,12 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig) -> dict[str, str
 
 def merge_adapter(cfg: TrainConfig, adapter_dir: Path, target: Path) -> Path:
     """Reload the base in full precision and merge the saved adapter: merging into 4-bit weights would lose it."""
-    source = models.resolve_model(cfg.model, cfg.gguf_file)
-    base = models.load_model(source, models.DTYPES.get(cfg.dtype, torch.float32), None, cfg.trust_remote_code)
+    source = loading.resolve_model(cfg.model, cfg.gguf_file)
+    base = loading.load_model(source, loading.DTYPES.get(cfg.dtype, torch.float32), None, cfg.trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with atomic_dir(target) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        models.load_tokenizer(source).save_pretrained(tmp)
+        loading.load_tokenizer(source).save_pretrained(tmp)
     return target
 
 
@@ -171,7 +175,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     _check_writable(out, accelerator)
     if templates is not None:  # config.json only: a template for another model is refused before the weights load
         with accelerator.main_process_first():
-            check_template_fits_config(templates, models.resolve_model(cfg.model, cfg.gguf_file).path)
+            check_template_fits_config(templates, loading.resolve_model(cfg.model, cfg.gguf_file).path)
     set_seed(cfg.seed)
 
     # Model, data and (optionally) functional-network masks, built from templates or computed on the training data.
@@ -180,7 +184,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     sft = _sft_data(cfg, tokenizer)
     if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
         freeze_outside_mlps(model)
-    masker = setup_masks(cfg, model, tokenizer, sft, accelerator, source.display_name, templates) if cfg.mask_mode != "none" else None
+    masker = _masker(cfg, model, tokenizer, sft, accelerator, source.display_name, templates)
 
     # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
     train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
@@ -544,3 +548,29 @@ def _any_rank(accelerator, flag: bool) -> bool:
     """True on every rank if it is true on one, so all ranks take the same branch."""
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0) if accelerator.num_processes > 1 else flag
+
+
+def _masker(cfg, model, tokenizer, sft, accelerator, model_name: str, templates: Templates | None):
+    """The run's masks: from the templates preflight loaded, or networks computed on the training data."""
+    if cfg.mask_mode == "none":
+        return None
+    if templates is None:
+        templates = (Templates.load(cfg.ica_template_path) if cfg.ica_template_path
+                     else compute_templates(cfg, model, tokenizer, sft, accelerator, model_name))
+    return setup_masks(cfg, model, accelerator, templates)
+
+
+def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
+    """Templates from the first --ica-samples training examples, saved in the output dir."""
+    samples = [ex["input_ids"] for ex in sft.train[: cfg.ica_samples]]
+    with zero3_gathering(model, accelerator):  # ZeRO-3: forwards gather the partitioned weights module by module, LoRA left alone
+        templates = build_templates(
+            model, samples, n_components=cfg.ica_components, percentile=cfg.ica_percentile, site=cfg.ica_site,
+            batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed, accelerator=accelerator,
+            model_name=model_name, datasets=[cfg.dataset or "default"],
+        )
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir) / "templates"
+        templates.save_folder(out)
+        log.info("computed %d functional networks on %d samples; saved in %s", cfg.ica_components, len(samples), out)
+    return templates

@@ -8,8 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
-from fnscale.atomic import write_json
 from fnscale.errors import UsageError
+from fnscale.runtime.atomic import write_json
 
 log = logging.getLogger(__name__)
 PREFIX = "checkpoint-"

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from fnscale.cli_options import CONTEXT, options_from
+from fnscale.cli.options import CONTEXT, options_from
 from fnscale.config import TrainConfig
 
 # Data options shared with `train`, declared once in TrainConfig.
@@ -30,9 +30,10 @@ def show(datasets, model, n, as_json, max_seq_length, batch_size, **opts):
 
     DATA takes the same specs as `train --dataset` (file, folder, glob, hub NAME[:CONFIG[:SPLIT]], :WEIGHT, .yaml).
     """
-    from fnscale import data, models
+    from fnscale import data
+    from fnscale.models import loading
 
-    tokenizer = models.load_tokenizer(models.resolve_model(model))
+    tokenizer = loading.load_tokenizer(loading.resolve_model(model))
     style = "brackets" if as_json or not sys.stdout.isatty() else "colour"
     report = data.preview(tokenizer, list(datasets), n, max_seq_length, data.DataOptions(**opts), style, batch_size)
     if as_json:

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from fnscale.atomic import write_text
+from fnscale.runtime.atomic import write_text
 
 
 class MetricsLog:

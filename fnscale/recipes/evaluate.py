@@ -1,8 +1,8 @@
 """The `fnscale eval` recipe: what fine-tuning gained on the task and what it cost on retention data.
 
 `run_eval` scores the base model, then each fine-tuned variant (adapter, full model, or a continual-learning
-sequence), with the token-level losses of `fnscale.scoring` plus greedy generations, and hands the
-figures to `fnscale.report`.
+sequence), with the token-level losses of `fnscale.eval.scoring` plus greedy generations, and hands the
+figures to `fnscale.eval.report`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from fnscale import data, models, placement, report
+from fnscale import data
 from fnscale.config import EvalConfig, read_yaml
 from fnscale.errors import UsageError
-from fnscale.scoring import corpus_loss, corpus_names, retention_items
+from fnscale.eval import report
+from fnscale.eval.scoring import corpus_loss, corpus_names, retention_items
+from fnscale.models import loading, placement
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ class LoadedVariant:
                 self._restore()
                 raise UsageError(f"adapter {self.v.path} does not fit the base model: {str(err).splitlines()[0][:200]}") from err
         else:
-            src = models.ModelSource(self.v.path, self.v.label)
+            src = loading.ModelSource(self.v.path, self.v.label)
             self.model = load_placed(src, self.dtype, self.place, self.cfg.trust_remote_code, self.device)
         self.model.eval()
         return self.model
@@ -290,7 +292,7 @@ class LoadedVariant:
 def load_placed(source, dtype, place: dict | None, trust_remote_code: bool, device):
     """A model on `device`, or split over devices as `place` (from --device-map auto) says; inputs then go to
     `placement.input_device`."""
-    model = models.load_model(source, dtype, None, trust_remote_code, placement=place)
+    model = loading.load_model(source, dtype, None, trust_remote_code, placement=place)
     if place is None:
         return model.to(device)
     log.info("device map of %s: %s", source.display_name, placement.summary(model))
@@ -324,10 +326,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pick a folder")
     place = placement.placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # checked before anything heavy
-    device = models.pick_device(cfg.device)
-    dtype = models.resolve_dtype(cfg.dtype, device)
-    source = models.resolve_model(cfg.model, cfg.gguf_file)
-    tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
+    device = loading.pick_device(cfg.device)
+    dtype = loading.resolve_dtype(cfg.dtype, device)
+    source = loading.resolve_model(cfg.model, cfg.gguf_file)
+    tokenizer = loading.load_tokenizer(source, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
 
     task_names = corpus_names(task_sources, "sample") if cfg.sequence else ["task"]

@@ -10,9 +10,9 @@ import math
 import re
 from pathlib import Path
 
-from fnscale.atomic import atomic_dir, atomic_path, finite, write_json, write_text
 from fnscale.errors import UsageError
-from fnscale.scoring import CL_CONVENTION, cl_metrics
+from fnscale.eval.scoring import CL_CONVENTION, cl_metrics
+from fnscale.runtime.atomic import atomic_dir, atomic_path, finite, write_json, write_text
 
 PLOT = "task_vs_retention.png"
 GEN_METRICS = ("exact_match", "token_accuracy")

@@ -7,10 +7,17 @@ imports click and fnscale.config only (no torch), so `fnscale --help` stays fast
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
 from fnscale.config import load_yaml, merge
+
+
+def is_main() -> bool:
+    """True on the process that prints (rank 0, or the only one)."""
+    return os.environ.get("RANK", "0") == "0"
+
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "show_default": True}
 

@@ -1,4 +1,4 @@
-"""`fnscale sweep CONFIG.yaml --output DIR`: a grid of training runs, scored and compared (see fnscale.sweep).
+"""`fnscale sweep CONFIG.yaml --output DIR`: a grid of training runs, scored and compared (see fnscale.recipes.sweep).
 
 --list and --only INDEX split the sweep into independent runs (one per SLURM array task);
 --report-only then scores the base once and writes the report from whatever has finished.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from fnscale.cli_options import CONTEXT
+from fnscale.cli.options import CONTEXT
 from fnscale.errors import UsageError
 
 
@@ -24,7 +24,7 @@ def sweep_cmd(config, output, list_runs, only, report_only):
 
     Finished runs (RUN/done.json) are skipped, so an interrupted sweep resumes where it stopped.
     """
-    from fnscale import sweep
+    from fnscale.recipes import sweep
 
     if not list_runs and not output:
         raise UsageError("--output DIR is required: the folder that holds the runs and the report")

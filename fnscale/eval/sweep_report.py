@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fnscale.atomic import atomic_path, finite, write_json, write_text
+from fnscale.runtime.atomic import atomic_path, finite, write_json, write_text
 
 PLOT = "pareto.png"
 

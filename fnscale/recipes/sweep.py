@@ -7,7 +7,7 @@ Each run trains in a subprocess (`python -m fnscale train --config RUN/config.ya
 cannot take the sweep with it, and any `train` option works in a grid, including ones added later.
 
 Layout of --output: base/ (the base model scored once), runs/NAME-seedS/ (config.yaml, train/,
-eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.sweep_report).
+eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.eval.sweep_report).
 A run with a done.json (written atomically after its eval report) is skipped on restart; one made
 with other options than the file now gives is refused rather than mixed into the report.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from fnscale.atomic import write_json, write_text
 from fnscale.config import EvalConfig, TrainConfig, load_yaml, merge
 from fnscale.errors import RunError, UsageError
+from fnscale.runtime.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _last_error(logfile: Path) -> str:
 
 def score(sweep: Sweep, model: str | None, gguf_file: str | None, output: Path) -> dict:
     """Task loss and retention perplexity of one model, via `fnscale eval`'s run_eval (it scores --model only)."""
-    from fnscale.evaluate import run_eval
+    from fnscale.recipes.evaluate import run_eval
 
     chosen = {"model": model, "gguf_file": gguf_file, "output": str(output)}  # load() keeps these out of sweep.eval
     rep = run_eval(merge(EvalConfig, sweep.eval, chosen, set(chosen), "eval"))
@@ -296,7 +296,7 @@ def check_inputs(sweep: Sweep, runs: list[Run], out: Path) -> None:
 
 def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: bool = False) -> dict:
     """Run (or with `only`, part of) the sweep, then write the report; returns {trained, skipped, report}."""
-    from fnscale import sweep_report
+    from fnscale.eval import sweep_report
 
     sweep = load(path)
     out = Path(output)

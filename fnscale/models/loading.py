@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fnscale.errors import UsageError
-from fnscale.model_paths import DEFAULT_MODEL, DEFAULT_NAME, converted_folder, default_gguf_path
+from fnscale.models.paths import DEFAULT_MODEL, DEFAULT_NAME, converted_folder, default_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    from fnscale.atomic import atomic_dir
+    from fnscale.runtime.atomic import atomic_dir
 
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -208,7 +208,7 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, device: torch.de
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, quant=None, trust_remote_code: bool = False, device_map=None, placement: dict | None = None):
-    """`placement`: from_pretrained keywords of a model split over devices (fnscale.placement), or None."""
+    """`placement`: from_pretrained keywords of a model split over devices (fnscale.models.placement), or None."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, token=hf_token(), **(placement or {}))

@@ -26,7 +26,7 @@ from fnscale.errors import RunError, UsageError
 log = logging.getLogger(__name__)
 
 # The checkout that holds launch_configs/ (an editable install); relative DeepSpeed JSON paths fall back to it.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _joined = {"group": False}  # set once this process has joined a multi-process group (see exit_process)
 DEFAULT_TIMEOUT_S = 1800  # collectives wait this long for a live peer (a first GGUF conversion or a large ZeRO-3 save can take minutes)
 

@@ -7,14 +7,16 @@ with a traceback only under --debug.
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 
 import click
 
-from fnscale import cli_data, cli_eval, cli_sweep, cli_templates
-from fnscale.cli_options import CONTEXT, config_option, load_config, options_from
-from fnscale.config import TrainConfig
+from fnscale.cli.data import data_group
+from fnscale.cli.eval import eval_cmd
+from fnscale.cli.options import CONTEXT, is_main
+from fnscale.cli.sweep import sweep_cmd
+from fnscale.cli.templates import templates
+from fnscale.cli.train import train
 from fnscale.errors import FnscaleError
 
 
@@ -60,28 +62,6 @@ def cli(ctx, debug):
 
 
 @cli.command(context_settings=CONTEXT)
-@config_option
-@options_from(TrainConfig)
-@click.pass_context
-def train(ctx, config_file, **values):
-    """Supervised fine-tuning (LoRA, QLoRA or full), optionally with functional-network masks.
-
-    Runs as is on one device, or under `accelerate launch` for DDP and DeepSpeed ZeRO.
-    """
-    from fnscale.preflight import check_train_options
-
-    cfg = load_config(TrainConfig, ctx, config_file, values)
-    check_train_options(cfg)  # mask and template mistakes in about a second, before torch is imported
-    from fnscale.train import train as run_train
-
-    summary = run_train(cfg)
-    if _is_main():
-        click.echo("\nrun summary")
-        for k, v in summary.items():
-            click.echo(f"  {k:16s} {v:.4f}" if isinstance(v, float) else f"  {k:16s} {v}")
-
-
-@cli.command(context_settings=CONTEXT)
 def doctor():
     """Platform, devices, dependency versions, optional pieces, and whether an HF token was found (never printed)."""
     from fnscale.doctor import report
@@ -89,21 +69,15 @@ def doctor():
     click.echo(report())
 
 
-cli.add_command(cli_templates.templates)
-cli.add_command(cli_eval.eval_cmd)
-cli.add_command(cli_data.data_group)
-cli.add_command(cli_sweep.sweep_cmd)
-
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+for command in (train, templates, eval_cmd, data_group, sweep_cmd):
+    cli.add_command(command)
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from fnscale.distributed import exit_process, joined_group, shutdown
+    from fnscale.runtime.distributed import exit_process, joined_group, shutdown
 
     try:
         cli.main(args=argv, prog_name="fnscale")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fnscale.errors import RunError, UsageError
-from fnscale.models import hf_token
+from fnscale.models.loading import hf_token
 
 
 def push_folder(folder: Path, repo_id: str | None, private: bool = False, api=None) -> str:

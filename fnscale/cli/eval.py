@@ -1,4 +1,4 @@
-"""`fnscale eval`: one command that scores the base model and its fine-tuned variants (see fnscale.evaluate).
+"""`fnscale eval`: one command that scores the base model and its fine-tuned variants (see fnscale.recipes.evaluate).
 
 Options come from `EvalConfig`, declared once with their defaults; torch loads only when the command runs.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from fnscale.cli_options import CONTEXT, config_option, load_config, options_from
+from fnscale.cli.options import CONTEXT, config_option, load_config, options_from
 from fnscale.config import EvalConfig
 
 
@@ -21,7 +21,7 @@ def eval_cmd(ctx, config_file, **values):
     Scores the base model and each --adapter / --finetuned model (or a --sequence of checkpoints)
     and writes report.json, report.md, task_vs_retention.png and TensorBoard scalars to --output.
     """
-    from fnscale.evaluate import run_eval
+    from fnscale.recipes.evaluate import run_eval
 
     rep = run_eval(load_config(EvalConfig, ctx, config_file, values))
     _echo_summary(rep)

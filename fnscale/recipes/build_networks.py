@@ -14,16 +14,17 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from fnscale import data, models
+from fnscale import data
 from fnscale.config import TemplatesBuildConfig
-from fnscale.distributed import broadcast_from_main, zero_stage
 from fnscale.errors import UsageError
+from fnscale.models import loading
 from fnscale.networks import cache
 from fnscale.networks.capture import ActivationCapture
 from fnscale.networks.decompose import StreamingDecomposer
 from fnscale.networks.stats import torch_all_gather
 from fnscale.networks.templates import Templates
 from fnscale.preflight import check_ddp_timeout, parse_layers
+from fnscale.runtime.distributed import broadcast_from_main, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,10 @@ def tokenize_samples(tokenizer, sources: Sequence, samples_per_dataset: int, max
 
 def run_build(cfg: TemplatesBuildConfig) -> dict:
     """`fnscale templates build`: load, capture (sharded under accelerate launch), decompose, save atomically."""
-    from fnscale.distributed import make_accelerator, zero3_gathering
-    from fnscale.mlp import find_mlp_layers
-    from fnscale.placement import placement
-    from fnscale.placement import summary as placement_summary
+    from fnscale.models.mlp import find_mlp_layers
+    from fnscale.models.placement import placement
+    from fnscale.models.placement import summary as placement_summary
+    from fnscale.runtime.distributed import make_accelerator, zero3_gathering
 
     if not 0 < cfg.percentile < 100:
         raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
@@ -171,9 +172,9 @@ def run_build(cfg: TemplatesBuildConfig) -> dict:
     check_ddp_timeout(cfg.ddp_timeout)
     accelerator = make_accelerator(timeout_s=cfg.ddp_timeout)
     with accelerator.main_process_first():
-        source = models.resolve_model(cfg.model, cfg.gguf_file)
-    tokenizer = models.load_tokenizer(source, cfg.trust_remote_code)
-    model = models.load_model(source, models.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code, placement=place)
+        source = loading.resolve_model(cfg.model, cfg.gguf_file)
+    tokenizer = loading.load_tokenizer(source, cfg.trust_remote_code)
+    model = loading.load_model(source, loading.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code, placement=place)
     if place is not None:
         log.info("device map: %s", placement_summary(model))
     if place is None and zero_stage(accelerator) != 3:  # ZeRO-3: loaded partitioned, forwards gather (zero3_gathering)

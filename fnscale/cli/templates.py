@@ -10,7 +10,7 @@ import dataclasses
 
 import click
 
-from fnscale.cli_options import CONTEXT, config_option, load_config, options_from
+from fnscale.cli.options import CONTEXT, config_option, load_config, options_from
 from fnscale.config import TemplatesBuildConfig
 
 
@@ -39,7 +39,7 @@ def build(ctx, model_arg, dataset_args, config_file, **values):
     A model or datasets given on the command line (as arguments or flags) replace those of --config.
     Under `accelerate launch`, each process captures its share of the samples and the results are merged.
     """
-    from fnscale.networks.build import run_build
+    from fnscale.recipes.build_networks import run_build
 
     cfg = load_config(TemplatesBuildConfig, ctx, config_file, values)
     model, datasets = model_and_datasets(model_arg, dataset_args, values["model"], values["dataset"])

@@ -1,0 +1,1 @@
+"""Scoring (losses shared by train and eval), reports and the sweep report."""

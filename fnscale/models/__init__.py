@@ -1,0 +1,1 @@
+"""Model concerns: loading (hub, folder, GGUF), cached paths, attention, placement, MLP discovery, hub upload."""

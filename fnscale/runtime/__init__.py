@@ -1,0 +1,1 @@
+"""Run machinery: distribution, checkpoints, atomic writes, the metrics log, trackers."""
