@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # A CPU build of torch; on a CUDA machine install your torch first and run `make demo TORCH=`.
 TORCH ?= torch==2.13.0
-DEMO_ARGS ?= --max-steps 20 --max-seq-length 128 --output-dir runs/quickstart
+DEMO_OUT ?= runs/demo
 
 .PHONY: install install-dev demo test test-slow
 
@@ -16,8 +16,10 @@ install:
 install-dev: install
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 
+# The method end to end (examples/demo/sweep.yaml): networks, three short runs, scores, then the table and its reading.
 demo: install
-	fnscale train $(DEMO_ARGS)
+	fnscale sweep examples/demo/sweep.yaml --output $(DEMO_OUT)
+	$(PYTHON) examples/demo/explain.py $(DEMO_OUT)
 
 test: install-dev
 	ruff check .

@@ -6,7 +6,10 @@ Each run trains in a subprocess (`python -m fnscale train --config RUN/config.ya
 `launcher` such as `accelerate launch`): memory is returned to the OS between runs, a crashed run
 cannot take the sweep with it, and any `train` option works in a grid, including ones added later.
 
-Layout of --output: base/ (the base model scored once), runs/NAME-seedS/ (config.yaml, train/,
+A `networks` section (options of `templates build`) finds functional networks once, before the runs, into
+--output/networks/; runs refer to them as `ica_template_path: networks` (see build_networks).
+
+Layout of --output: networks/ (when built), base/ (the base model scored once), runs/NAME-seedS/ (config.yaml, train/,
 eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.eval.sweep_report).
 A run with a done.json (written atomically after its eval report) is skipped on restart; one made
 with other options than the file now gives is refused rather than mixed into the report.
@@ -28,16 +31,17 @@ from pathlib import Path
 
 import yaml
 
-from fnscale.config import EvalConfig, TrainConfig, load_yaml, merge
+from fnscale.config import EvalConfig, TemplatesBuildConfig, TrainConfig, load_yaml, merge
 from fnscale.errors import RunError, UsageError
 from fnscale.runtime.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = {"train", "eval", "seeds", "runs", "grid", "reference", "launcher"}
+SWEEP_KEYS = {"train", "eval", "seeds", "runs", "grid", "reference", "launcher", "networks"}
 SET_BY_SWEEP = {"seed", "output_dir"}  # each run's own; set per run
 BASE_ONLY = {"model", "gguf_file"}  # every run must start from the base that is scored
 DONE = "done.json"
+NETWORKS = "networks"  # `ica_template_path: networks` names the networks the sweep's `networks` section builds
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Sweep:
     reference: str | None = None
     launcher: str | None = None
     runs: list[Run] = field(default_factory=list)
+    networks: dict | None = None  # `templates build` options; built once into OUTPUT/networks/
 
 
 # ---------------------------------------------------------------- reading the sweep file
@@ -94,7 +99,7 @@ def _options(d, where: str, folder: Path, forbid: set[str] = frozenset()) -> dic
     bad = sorted(set(d) & (SET_BY_SWEEP | forbid))
     if bad:
         raise UsageError(f"{where}: {', '.join(bad)} cannot be set here (the sweep sets seed and output_dir; the model belongs in `train`)")
-    return {k: _local(v, folder) for k, v in d.items()}
+    return {k: v if (k, v) == ("ica_template_path", NETWORKS) else _local(v, folder) for k, v in d.items()}
 
 
 def _grid_configs(blocks, folder: Path) -> list[tuple[str, dict]]:
@@ -155,7 +160,29 @@ def load(path: str | os.PathLike) -> Sweep:
     sweep = Sweep(Path(path), _options(raw.get("train") or {}, "train", folder), {k: _local(v, folder) for k, v in eval_opts.items()},
                   seeds, configs, raw.get("reference"), raw.get("launcher"))
     sweep.runs = [Run(i, name, seed, opts) for i, ((name, opts), seed) in enumerate(itertools.product(configs, seeds))]
+    sweep.networks = _networks_section(raw.get("networks"), path, folder, sweep)
     return sweep
+
+
+def _networks_section(raw, path, folder: Path, sweep: Sweep) -> dict | None:
+    """The `networks` section's `templates build` options (the sweep sets model and output); refs to it are checked."""
+    users = [r.run_id for r in sweep.runs if _uses_networks({**sweep.train, **r.options})]
+    if raw is None:
+        if users:
+            raise UsageError(f"{path}: run {users[0]} has ica_template_path: {NETWORKS}, which names the networks a `networks` "
+                             "section builds; add one (options of `fnscale templates build`) or give a templates JSON path")
+        return None
+    opts = _keys(raw, f"{path}: networks", {f.name for f in dataclasses.fields(TemplatesBuildConfig)}, "templates build")
+    if {"model", "gguf_file", "output"} & set(opts):
+        raise UsageError(f"{path}: networks: model, gguf_file and output are the sweep's (the base model of `train`, "
+                         f"OUTPUT/{NETWORKS}/); remove them")
+    if isinstance(opts.get("dataset"), str):
+        opts["dataset"] = [opts["dataset"]]
+    return {k: _local(v, folder) for k, v in opts.items()}
+
+
+def _uses_networks(opts: dict) -> bool:
+    return opts.get("ica_template_path") == NETWORKS
 
 
 # ---------------------------------------------------------------- one run
@@ -168,6 +195,8 @@ def run_dir(out: Path, run: Run) -> Path:
 def resolved_options(sweep: Sweep, run: Run, out: Path) -> dict:
     """The run's full `train` options; LoRA runs also save the merged model, which is what eval scores."""
     opts = {"resume_from_checkpoint": "auto", **sweep.train, **run.options, "seed": run.seed, "output_dir": str(run_dir(out, run) / "train")}
+    if _uses_networks(opts):
+        opts["ica_template_path"] = str(networks_file(out))
     if opts.get("lora", TrainConfig.lora):
         opts["merge_adapter"] = True
     return opts
@@ -237,6 +266,8 @@ def fingerprint(sweep: Sweep, run: Run | None, out: Path) -> dict:
         train = {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}
     else:
         train = {k: v for k, v in resolved_options(sweep, run, out).items() if k != "output_dir"}
+        if _uses_networks({**sweep.train, **run.options}):
+            train["networks"] = sweep.networks  # networks rebuilt with other options make the run stale
     return json.loads(json.dumps({"train": train, "eval": sweep.eval}))  # as done.json stores it
 
 
@@ -276,6 +307,35 @@ def score_base(sweep: Sweep, out: Path) -> dict:
     return done
 
 
+def networks_file(out: Path) -> Path:
+    return out / NETWORKS / "global_templates.json"
+
+
+def build_networks(sweep: Sweep, out: Path) -> dict:
+    """The `networks` section: `templates build` once, in this process, into OUTPUT/networks/ (global_templates.json,
+    coverage.txt, coverage.png); skipped when its done.json shows it was built with the same options."""
+    from fnscale.recipes.build_networks import run_build
+
+    folder = out / NETWORKS
+    expected = json.loads(json.dumps({"model": {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}, "networks": sweep.networks}))
+    done = finished(folder, expected)
+    if done is None:
+        log.info("finding the functional networks (templates build) into %s", folder)
+        chosen = {"model": sweep.train.get("model"), "gguf_file": sweep.train.get("gguf_file"), "output": str(folder)}
+        res = run_build(merge(TemplatesBuildConfig, sweep.networks, chosen, set(chosen), "templates build"))
+        files = {k: res[k] for k in ("path", "coverage", "heatmap")}
+        done = {"run": NETWORKS, "config": expected, "files": files}
+        write_json(folder / DONE, done)
+    return done
+
+
+def _networks_needed(sweep: Sweep, chosen: list[Run], whole: bool) -> bool:
+    """Build for a whole sweep (its networks are part of the result), or for `--only` runs that use them."""
+    if sweep.networks is None or not chosen:
+        return False
+    return whole or any(_uses_networks({**sweep.train, **r.options}) for r in chosen)
+
+
 # ---------------------------------------------------------------- the sweep
 
 
@@ -289,7 +349,8 @@ def check_inputs(sweep: Sweep, runs: list[Run], out: Path) -> None:
     """Refuse up front a run whose templates file is missing: otherwise it fails only after the runs before it trained."""
     for run in runs:
         path = resolved_options(sweep, run, out).get("ica_template_path")
-        if path and not Path(path).is_file() and read_done(run_dir(out, run)) is None:
+        built = sweep.networks is not None and path == str(networks_file(out))  # built before the runs
+        if path and not built and not Path(path).is_file() and read_done(run_dir(out, run)) is None:
             raise UsageError(f"run {run.run_id}: ica_template_path {path} not found (relative paths are taken from the sweep "
                              "file's folder); build it first with `fnscale templates build ... --output FOLDER`")
 
@@ -310,11 +371,14 @@ def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: b
     chosen = [] if report_only else [sweep.runs[i] for i in only] if only else sweep.runs
     check_inputs(sweep, chosen, out)
     trained, skipped = [], []
-    base = None if only else score_base(sweep, out)  # first, so a broken eval setup fails before any training
+    networks = build_networks(sweep, out) if _networks_needed(sweep, chosen, whole=not only) else None
+    base = None if only else score_base(sweep, out)  # before the runs, so a broken eval setup fails before any training
     for k, run in enumerate(chosen, 1):
         log.info("[%d/%d] %s", k, len(chosen), run.run_id)
         (trained if execute(sweep, run, out) else skipped).append(run.run_id)
     result = {"trained": trained, "skipped": skipped, "report": None}
+    if networks is not None:
+        result["networks"] = networks["files"]
     if not only:
         done = {r.run_id: read_done(run_dir(out, r)) for r in sweep.runs}
         result["report"] = sweep_report.write_all(sweep, base, done, out)

@@ -33,6 +33,7 @@ from fnscale.masking.setup import setup_masks
 from fnscale.masking.update import freeze_outside_mlps
 from fnscale.models import attention, loading
 from fnscale.models.hub import push_folder
+from fnscale.models.publish import publish_run
 from fnscale.networks.templates import Templates
 from fnscale.preflight import check_template_fits_config, check_train_options
 from fnscale.recipes.build_networks import build_templates
@@ -508,6 +509,7 @@ def _publish(accelerator, cfg: TrainConfig, summary: dict) -> None:
     """summary.json with the configuration, then the hub upload when asked (its URL joins the returned summary)."""
     if not accelerator.is_main_process:
         return
+    publish_run(cfg, summary)  # base by hub id, model card, networks copy beside the model; names the data in summary
     write_json(Path(cfg.output_dir) / "summary.json", {**summary, "config": _tracker_config(cfg)})
     if cfg.push_to_hub:
         summary["hub_url"] = push_folder(Path(summary.get("merged") or summary["final"]), cfg.hub_repo_id, cfg.hub_private)
