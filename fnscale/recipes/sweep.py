@@ -360,7 +360,7 @@ def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: b
     from fnscale.eval import sweep_report
 
     sweep = load(path)
-    out = Path(output)
+    out = Path(output).absolute()  # runs train with their own folder as cwd
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pick a folder")
     bad = [i for i in only if not 0 <= i < len(sweep.runs)]
