@@ -96,6 +96,9 @@ def test_load_expands_runs_and_grid_over_seeds(tmp_path):
     ({"eval": {"gguf-file": "x.gguf"}}, "sweep chooses the models"),  # dashes read as underscores before the check
     ({"eval": {"max_seq_lenth": 32}}, "eval: unknown option(s) max_seq_lenth; see `fnscale eval --help`"),
     ({"grid": {"axes": {"learning_rate": 1e-4}}}, "non-empty list"),
+    ({"networks": {"components": 2, "output": "x"}}, "networks: model, gguf_file and output are the sweep's"),
+    ({"networks": {"componets": 2}}, "networks: unknown option(s) componets; see `fnscale templates build --help`"),
+    ({"runs": [{"name": "a", "ica_template_path": "networks"}]}, "names the networks a `networks` section builds"),
 ])
 def test_bad_sweep_files_are_one_line_usage_errors(tmp_path, change, message):
     cfg = {"seeds": [1], "runs": [{"name": "a"}], **change}
@@ -204,3 +207,59 @@ def test_a_missing_templates_file_is_refused_before_anything_trains(tiny_sweep):
         sweep.run_sweep(path, str(out))
     assert not (out / "runs").exists() and not (out / "base").exists()  # refused before the base was scored or any run trained
     assert sweep.run_sweep(path, str(out), only=(0,))["trained"] == ["full-seed1"]  # runs without templates still go
+
+
+# ---------------------------------------------------------------- the `networks` section
+
+
+def test_networks_section_is_read_and_runs_refer_to_the_file_it_builds(tmp_path):
+    (tmp_path / "ret.txt").write_text("some text\n")
+    cfg = {"networks": {"dataset": "ret.txt", "components": 2, "samples-per-dataset": 8},
+           "runs": [{"name": "full"}, {"name": "masked", "mask_mode": "lesion", "ica_template_path": "networks", "ica_component_ids": "0"}]}
+    s = sweep.load(_write(tmp_path / "s.yaml", cfg))
+    assert s.networks == {"dataset": [str(tmp_path / "ret.txt")], "components": 2, "samples_per_dataset": 8}  # a list, made absolute
+    out = tmp_path / "out"
+    full, masked = (sweep.resolved_options(s, r, out) for r in s.runs)
+    assert masked["ica_template_path"] == str(out / "networks" / "global_templates.json") and "ica_template_path" not in full
+    # a run on the built networks is stale when they are rebuilt with other options; one without them is not
+    assert sweep.fingerprint(s, s.runs[1], out)["train"]["networks"] == s.networks
+    assert "networks" not in sweep.fingerprint(s, s.runs[0], out)["train"]
+    sweep.check_inputs(s, s.runs, out)  # not built yet, but it will be before the runs: no refusal
+
+
+def test_networks_section_builds_once_before_the_runs_that_use_it(tiny_llama, sft_file, tmp_path, monkeypatch):
+    from fnscale.networks.templates import Templates
+
+    (tmp_path / "retention.txt").write_text(RETENTION)
+    cfg = {
+        "networks": {"dataset": sft_file, "components": 2, "percentile": 90, "samples_per_dataset": 16, "max_seq_length": 48},
+        "train": {"model": tiny_llama, "dataset": sft_file, "validation_split": 0.0, "max_steps": 1, "batch_size": 4, "lora": False,
+                  "max_seq_length": 64, "learning_rate": 1e-2, "save_steps": 0, "eval_steps": 0, "report_to": "none"},
+        "eval": {"task": sft_file, "task_split": "all", "retention": ["retention.txt"], "generate": 0, "max_seq_length": 64},
+        "seeds": [1],
+        "runs": [{"name": "masked", "mask_mode": "lesion", "mask_effect": "update", "ica_template_path": "networks",
+                  "ica_component_ids": "0,1"}],
+    }
+    path = _write(tmp_path / "sweep.yaml", cfg)
+    monkeypatch.chdir(tmp_path)
+    rep = sweep.run_sweep(path, "out")  # a relative output folder: runs train with their own folder as cwd
+    out = tmp_path / "out"
+    nets = out / "networks" / "global_templates.json"
+    assert rep["trained"] == ["masked-seed1"]
+    assert rep["networks"] == {"path": str(nets), "coverage": str(out / "networks" / "coverage.txt"), "heatmap": str(out / "networks" / "coverage.png")}
+    t = Templates.load(nets)
+    assert t.n_components == 2 and t.percentile == 90 and t.model == Path(tiny_llama).name and t.datasets == [sft_file]
+    assert (out / "networks" / "coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train = out / "runs" / "masked-seed1" / "train"
+    assert json.loads((train / "summary.json").read_text())["config"]["ica_template_path"] == str(nets)
+    masked = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines() if "masked_neurons/total" in line]
+    assert masked and masked[0]["masked_neurons/total"] > 0
+    assert (train / "final" / "networks.json").read_bytes() == nets.read_bytes()  # what the run was masked with, beside it
+
+    built = nets.stat().st_mtime_ns
+    again = sweep.run_sweep(path, "out")
+    assert again["trained"] == [] and again["networks"]["path"] == str(nets) and nets.stat().st_mtime_ns == built  # not rebuilt
+    cfg["networks"]["components"] = 3  # other networks: the built ones (and the runs on them) are refused, not mixed in
+    _write(tmp_path / "sweep.yaml", cfg)
+    with pytest.raises(UsageError, match="out/networks was made with other"):
+        sweep.run_sweep(path, "out")

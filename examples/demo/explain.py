@@ -39,11 +39,16 @@ def table(rep: dict) -> list[str]:
     return lines
 
 
-def _vs(x: float, ref: float, what: str) -> str:
-    """x as a share of the reference's, when the reference moved in the expected direction; else the plain difference."""
-    if ref > 0:
-        return f"{100 * x / ref:.0f}% of {REFERENCE}'s {what}"
-    return f"{x - ref:+.3g} vs {REFERENCE}"
+def _gain_vs(x: float, ref: float) -> str:
+    return f"{100 * x / ref:.0f}% of {REFERENCE}'s" if ref > 0 else f"{x - ref:+.3f} vs {REFERENCE}"
+
+
+def _cost_vs(x: float, ref: float) -> str:
+    if ref <= 0:
+        return f"{x - ref:+.1f} points vs {REFERENCE}"
+    if x <= 0:
+        return f"retention no worse than the base, where {REFERENCE}'s rose {ref:+.1f}%"
+    return f"{100 * x / ref:.0f}% of {REFERENCE}'s rise"
 
 
 def reading(rep: dict, out: Path) -> list[str]:
@@ -64,8 +69,8 @@ def reading(rep: dict, out: Path) -> list[str]:
             continue
         masked = _masked(out, r["run"])
         size = f", {masked[0]:,} neurons = {100 * masked[1]:.1f}% of the MLP neurons" if masked else ""
-        lines.append(f"- {name} ({what}{size}): gain {r['task_gain']:+.3f} ({_vs(r['task_gain'], gain, 'gain')}), "
-                     f"cost {r['retention_cost_pct']:+.1f}% ({_vs(r['retention_cost_pct'], cost, 'cost')}).")
+        lines.append(f"- {name} ({what}{size}): gain {r['task_gain']:+.3f} ({_gain_vs(r['task_gain'], gain)}), "
+                     f"cost {r['retention_cost_pct']:+.1f}% ({_cost_vs(r['retention_cost_pct'], cost)}).")
     net, ctl = runs.get(NETWORKS), runs.get(CONTROL)
     if net and ctl:
         diff = net["retention_cost_pct"] - ctl["retention_cost_pct"]
@@ -73,7 +78,9 @@ def reading(rep: dict, out: Path) -> list[str]:
         lines.append(f"- Networks vs random control: freezing the networks cost {abs(diff):.1f} points {side} retention than "
                      f"freezing random neurons (task gain {net['task_gain'] - ctl['task_gain']:+.3f}). Only a difference that "
                      "holds over several seeds means something: set `seeds: [1, 2, 3]` in examples/demo/sweep.yaml and run "
-                     "`make demo` again (finished runs are kept); docs/experiments.md has the 3-seed benchmark.")
+                     "`make demo` again (finished runs are kept).")
+    lines.append("- Not run here: the baselines a mask must beat, a lower learning rate and LoRA; docs/experiments.md compares "
+                 "them all over 3 seeds on the same data.")
     return lines
 
 
@@ -87,8 +94,9 @@ def main(out: str) -> None:
     print()
     print("\n".join(reading(rep, out)))
     print("\nFiles:")
+    models = str(out.absolute() / "runs" / "*" / "train" / "final") + "  (each with its model card, README.md)"
     files = [("networks", nets.get("path")), ("heatmap", nets.get("heatmap")), ("table", rep["files"]["markdown"]),
-             ("Pareto plot", rep["files"]["plot"]), ("models", str(out / "runs" / "*" / "train" / "final") + "  (model card: README.md)")]
+             ("Pareto plot", rep["files"]["plot"]), ("models", models)]
     for label, path in files:
         if path:
             print(f"  {label:12s} {path}")

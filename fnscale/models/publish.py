@@ -182,7 +182,10 @@ def _method(cfg: TrainConfig, adapter: bool) -> list[str]:
 def model_card(cfg: TrainConfig, summary: dict, base: BaseModel, data: dict, facts: dict, adapter: bool) -> str:
     """The README.md of a saved model folder."""
     hub = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id else f"`{base.name}`"
-    lines = [_card_header(base, cfg, adapter), f"# {Path(cfg.output_dir).name}", "",
+    method = "LoRA" if cfg.lora else "full fine-tuning"
+    method += f", {cfg.mask_mode}-{cfg.mask_effect or 'update'}" if cfg.mask_mode != "none" else ""
+    title = cfg.hub_repo_id or f"{base.name.split('/')[-1]}, fine-tuned with fnscale ({method})"
+    lines = [_card_header(base, cfg, adapter), f"# {title}", "",
              f"{'A LoRA adapter for' if adapter else 'A fine-tune of'} {hub}, trained with "
              f"fnscale {__version__} (functional-network selective fine-tuning).", ""]
     if base.note:
@@ -212,7 +215,7 @@ def _networks_section(facts: dict) -> list[str]:
              f"`{NETWORKS_COPY}` in this folder: a copy of `{Path(facts['networks']).name}` (sha256 `{facts['networks_sha256']}`).", ""]
     masked = facts["masked"]
     if masked:
-        lines += [f"Masked neurons per layer ({sum(masked.values())} in all):", "",
+        lines += [f"Masked neurons per layer ({sum(masked.values()):,} in all):", "",
                   "| layer | " + " | ".join(str(k) for k in masked) + " |", "|---" * (len(masked) + 1) + "|",
                   "| neurons | " + " | ".join(str(v) for v in masked.values()) + " |", ""]
     return lines
