@@ -53,8 +53,8 @@ def build(ctx, model_arg, dataset_args, config_file, **values):
 @templates.command(context_settings=CONTEXT)
 @click.argument("path", type=click.Path(dir_okay=False))
 def show(path):
-    """Print a template file's summary: metadata and neurons per component per layer."""
-    from fnscale.networks.templates import Templates
+    """Print a template file's summary: metadata, neurons per component per layer, and the ranking when it has one."""
+    from fnscale.networks.templates import Templates, ranking_table
 
     t = Templates.load(path)
     click.echo(f"model: {t.model or t.name or '?'}  site: {t.site}  scope: {t.scope}  kind: {t.kind}  "
@@ -68,7 +68,7 @@ def show(path):
                    + (f", data {', '.join(how['data'])}" if how.get("data") else ""))
     click.echo(t.coverage_table())
     if t.ranking:
-        click.echo(t.ranking_table())
+        click.echo(ranking_table(t))
 
 
 @templates.command(context_settings=CONTEXT)
@@ -125,8 +125,9 @@ def rank(ctx, path, config_file, **values):
     Beside each rise: the mean rise when random sets of the same size per layer are lesioned, and their ratio.
     The ranking is recorded in the file; `--ica-component-ids top:K` then takes the K most important.
     """
+    from fnscale.networks.templates import ranking_table
     from fnscale.recipes.score_networks import run_rank
 
     res = run_rank(path, load_config(TemplatesRankConfig, ctx, config_file, values))
-    click.echo(res["templates"].ranking_table())
+    click.echo(ranking_table(res["templates"]))
     click.echo(f"saved {res['path']}")

@@ -332,25 +332,26 @@ class Templates:
             )
         return "\n".join(lines) + "\n"
 
-    def ranking_table(self) -> str:
-        """The ranking `templates rank` recorded, most important first ("" when the file is not ranked)."""
-        if not self.ranking:
-            return ""
-        r = self.ranking
-        lines = [
-            f"key networks: loss rise when each component is lesioned at inference on {', '.join(r['data'])} "
-            f"({r['tokens']} scored tokens, base loss {r['base_loss']:.4f}), against {r['random_draws']} random lesions "
-            f"of the same size per layer (seed {r['seed']})",
-            f"{'rank':>4} {'comp':>5} {'neurons':>8} {'loss rise':>10} {'random rise':>12} {'ratio':>7}",
-        ]
-        for k, c in enumerate(r["components"], 1):
-            ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
-            lines.append(f"{k:>4} {c['id']:>5} {c['neurons']:>8} {c['rise']:>+10.4f} {c['random_rise']:>+12.4f} {ratio:>7}")
-        return "\n".join(lines) + "\n"
-
     def save_heatmap(self, path: str | os.PathLike) -> Path:
         """PNG heatmap: components x layers, colour = share of the layer's neurons selected."""
         return _save_heatmap(self, path)
+
+
+def ranking_table(t: Templates) -> str:
+    """The ranking `templates rank` recorded, most important first ("" when the file is not ranked)."""
+    if not t.ranking:
+        return ""
+    r = t.ranking
+    lines = [
+        f"key networks: loss rise when each component is lesioned at inference on {', '.join(r['data'])} "
+        f"({r['tokens']} scored tokens, base loss {r['base_loss']:.4f}), against {r['random_draws']} random lesions "
+        f"of the same size per layer (seed {r['seed']})",
+        f"{'rank':>4} {'comp':>5} {'neurons':>8} {'loss rise':>10} {'random rise':>12} {'ratio':>7}",
+    ]
+    for k, c in enumerate(r["components"], 1):
+        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        lines.append(f"{k:>4} {c['id']:>5} {c['neurons']:>8} {c['rise']:>+10.4f} {c['random_rise']:>+12.4f} {ratio:>7}")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- comparison
