@@ -12,12 +12,13 @@ from click.testing import CliRunner
 
 from fnscale import data
 from fnscale.cli.app import cli
+from fnscale.config import TrainConfig
 from fnscale.errors import UsageError
 from fnscale.networks import selectors
 from fnscale.networks.controls import random_like
 from fnscale.networks.keys import rank_components
 from fnscale.networks.templates import Templates
-from fnscale.preflight import parse_component_ids
+from fnscale.preflight import check_mask_options, parse_component_ids
 
 WIDTH = 64  # tiny_llama: 2 layers x 64 intermediate neurons, hidden 32
 
@@ -253,6 +254,9 @@ def test_rank_puts_the_planted_component_first_and_records_the_ranking(tmp_path,
     assert parse_component_ids("top:1", ranked) == [1] and parse_component_ids("top:3", ranked)[0] == 1
     with pytest.raises(UsageError, match="ranks 3 components"):
         parse_component_ids("top:4", ranked)
+    assert check_mask_options(TrainConfig(mask_mode="lesion", ica_template_path=str(path), ica_component_ids="top:2")).ranking
+    with pytest.raises(UsageError, match="needs a ranked networks file"):  # templates computed in the run are unranked
+        check_mask_options(TrainConfig(mask_mode="lesion", ica_component_ids="top:2"))
     code, text = _cli("templates", "show", path)
     table = text[text.index("key networks"):].splitlines()
     assert code == 0 and table[1].split()[:2] == ["rank", "comp"] and [line.split()[1] for line in table[2:5]] == ["1", "2", "0"]

@@ -61,7 +61,8 @@ def prepare(cfg: NetworkDataConfig, templates: Templates) -> Scoring:
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     device = loading.pick_device(cfg.device)
-    source = loading.resolve_model(model_for(cfg.model, templates), cfg.gguf_file)
+    chosen = model_for(cfg.model, templates)
+    source = loading.resolve_model(chosen, cfg.gguf_file)
     tokenizer = loading.load_tokenizer(source, cfg.trust_remote_code)
     model = loading.load_model(source, loading.resolve_dtype(cfg.dtype, device), None, cfg.trust_remote_code).to(device)
     layers = find_mlp_layers(model)
@@ -71,7 +72,8 @@ def prepare(cfg: NetworkDataConfig, templates: Templates) -> Scoring:
     items, tokens, examples = data.sample_items(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed, opts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = [data.collate(items[i : i + cfg.batch_size], pad) for i in range(0, len(items), cfg.batch_size)]
-    return Scoring(model, device, batches, source.display_name, list(cfg.data) or ["default"], tokens, examples)
+    name = source.display_name if chosen is None or cfg.gguf_file else chosen  # as given, so a later --model default finds it
+    return Scoring(model, device, batches, name, list(cfg.data) or ["default"], tokens, examples)
 
 
 def run_select(cfg: TemplatesSelectConfig) -> dict:
