@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 class FunctionalNetworkCallback(TrainerCallback):
     """Masked neurons' weights stay bit-identical through `Trainer.train()` (weight decay included).
 
-    networks: a networks file or `Templates`; the other arguments are `freeze_networks`'s. `frozen` is the
-    live `FrozenNetworks` during training (None outside it); `stats` keeps its masked-neuron counts afterwards.
+    networks: a networks file or `Templates`; the other arguments are `freeze_networks`'s (effect, control, seed,
+    layers, kernel, offload). `frozen`: the `FrozenNetworks` of the last `train()` (None before; removed after it),
+    whose `masks` and `stats()` say what was frozen.
     """
 
     def __init__(self, networks: Templates | str | os.PathLike, components: int | Iterable[int] | str,
@@ -38,24 +39,21 @@ class FunctionalNetworkCallback(TrainerCallback):
         self.templates = as_templates(networks)  # read (and refused, if malformed) when the trainer is built
         self.components, self.mode, self.options = components, mode, options
         self.frozen: FrozenNetworks | None = None
-        self.stats: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.frozen is not None:  # a second train() on the same trainer
+        if self.frozen is not None:  # a second train() on the same trainer (or one that raised)
             self.frozen.remove()
         if model is None:
             raise RuntimeError("FunctionalNetworkCallback needs the model at on_train_begin; use it with a transformers Trainer")
         self.frozen = freeze_networks(model, self.templates, self.components, self.mode, **self.options)
-        self.stats = self.frozen.stats()
         if state.is_world_process_zero:
-            log.info("fnscale: %s-%s masks on components %s, %d neurons", self.mode, self.frozen.effect,
-                     self.frozen.components, self.stats["masked_neurons/total"])
+            log.info("fnscale: %s-%s masks on components %s, %d neurons frozen", self.mode, self.frozen.effect,
+                     self.frozen.components, self.frozen.stats()["masked_neurons/total"])
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.frozen is not None:
+        if self.frozen is not None and not self.frozen.removed:
             self.frozen.restore()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.frozen is not None:
             self.frozen.remove()
-            self.frozen = None
