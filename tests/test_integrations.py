@@ -29,7 +29,7 @@ def write_networks(folder: Path) -> str:
     return str(Templates(layers=[0, 1], neurons_per_layer=64, components=COMPONENTS, num_layers=2).save(folder / "nets.json"))
 
 
-def mlp_weights(model) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def mlp_weights(model) -> dict:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return {f"{i}.{n}": getattr(layer.mlp, n).weight.detach().clone()
