@@ -1,5 +1,5 @@
 """`FunctionalNetworkCallback` in the Hugging Face `Trainer` and TRL's `SFTTrainer`, full and LoRA, one process and
-Accelerate DDP (2 CPU processes): after training with AdamW weight decay 0.1 the frozen neurons' MLP weights (gate/up
+Accelerate DDP (2 CPU processes), and the Axolotl plugin (`axolotl.cli.train`): after training with AdamW weight decay 0.1 the frozen neurons' MLP weights (gate/up
 rows, down columns; LoRA merged) equal the base model's bit for bit, and the other neurons' weights moved.
 
 Run as a script (`accelerate launch ... tests/test_integrations.py MODEL NETS OUT trl|hf full|lora MODE`) it trains
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,6 +153,113 @@ def test_callback_refuses_a_bad_networks_file_when_built(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UsageError, match="not valid JSON"):
         FunctionalNetworkCallback(tmp_path / "bad.json", components=[0])
+
+
+def axolotl_python() -> str | None:
+    """A Python with Axolotl: this one, or $FNSCALE_AXOLOTL_PYTHON (Axolotl pins its own transformers, so it usually
+    lives in its own environment, e.g. a venv made with --system-site-packages that sees fnscale)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("axolotl") is not None:
+        return sys.executable
+    return os.environ.get("FNSCALE_AXOLOTL_PYTHON")
+
+
+AXOLOTL_YAML = """base_model: {model}
+datasets:
+  - path: {data}
+    ds_type: json
+    type: completion
+sequence_len: 32
+micro_batch_size: 2
+max_steps: 4
+num_epochs: 1
+learning_rate: 0.01
+weight_decay: 0.1
+optimizer: adamw_torch
+lr_scheduler: constant
+output_dir: {out}
+save_strategy: "no"
+bf16: false
+fp16: false
+tf32: false
+val_set_size: 0
+dataset_prepared_path: {prepared}
+plugins:
+  - fnscale.integrations.axolotl.FunctionalNetworkPlugin
+fnscale_networks: {nets}
+fnscale_components: [0, 1]
+fnscale_mode: {mode}
+"""
+AXOLOTL_LORA = """adapter: lora
+lora_r: 4
+lora_alpha: 8
+lora_dropout: 0.0
+lora_target_modules: [gate_proj, up_proj, down_proj]
+lora_mlp_kernel: false  # Axolotl's fused LoRA kernels need CUDA (and replace the MLP forward)
+lora_qkv_kernel: false
+lora_o_kernel: false
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_axolotl_plugin_keeps_frozen_neurons_bit_identical(tiny_llama, tmp_path, lora):
+    """`axolotl.cli.train` with the plugin in its YAML (CPU, 4 steps, weight decay 0.1), then the same checks."""
+    import torch
+    from helpers_dist import clean_env
+    from transformers import AutoModelForCausalLM
+
+    import fnscale
+
+    python = axolotl_python()
+    if python is None:
+        pytest.skip("axolotl is not installed here; set FNSCALE_AXOLOTL_PYTHON to a Python that has it")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 2))
+    nets, out = write_networks(tmp_path), tmp_path / "out"
+    config = tmp_path / "axolotl.yml"
+    config.write_text(AXOLOTL_YAML.format(model=tiny_llama, data=data, out=out, prepared=tmp_path / "prepared", nets=nets, mode="lesion")
+                      + (AXOLOTL_LORA if lora else ""))
+    # cwd: the test folder (`python -m` puts the cwd first on sys.path, and the repo root's kernels/ would shadow HF's)
+    res = subprocess.run([python, "-m", "axolotl.cli.train", str(config)], cwd=tmp_path, env=clean_env(AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:]
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+
+    if lora:
+        from peft import PeftModel
+
+        trained = PeftModel.from_pretrained(base(), str(out))
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    masks = fnscale.freeze_networks(base(), nets, components=[0, 1], mode="lesion").masks
+    result = compare(mlp_weights(base()), mlp_weights(trained), masks)
+    assert result["masked_identical"] and all(result["masked_identical"]), result
+    assert result["trained_moved"] and all(result["trained_moved"]), result
+
+
+def test_axolotl_plugin_imports_without_axolotl_and_builds_the_callback(tmp_path):
+    from types import SimpleNamespace
+
+    from fnscale.errors import UsageError
+    from fnscale.integrations.axolotl import FunctionalNetworkArgs, FunctionalNetworkPlugin
+    from fnscale.integrations.trainer import FunctionalNetworkCallback
+
+    plugin = FunctionalNetworkPlugin()
+    module, _, name = plugin.get_input_args().rpartition(".")
+    assert getattr(sys.modules[module], name) is FunctionalNetworkArgs
+    keys = {k: None for k in FunctionalNetworkArgs.__annotations__}
+    cfg = SimpleNamespace(**{**keys, "fnscale_networks": write_networks(tmp_path), "fnscale_components": [1], "fnscale_mode": "preserve",
+                             "fnscale_control": "random", "fnscale_seed": 3})
+    (callback,) = plugin.add_callbacks_post_trainer(cfg, trainer=None)
+    assert isinstance(callback, FunctionalNetworkCallback)
+    assert (callback.components, callback.mode, callback.options["control"], callback.options["seed"]) == ([1], "preserve", "random", 3)
+    with pytest.raises(UsageError, match="fnscale_networks"):
+        plugin.add_callbacks_post_trainer(SimpleNamespace(**keys), trainer=None)
 
 
 def _main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """What other trainers call: `FunctionalNetworkCallback` for the Hugging Face `Trainer` and TRL's trainers
-(`fnscale.integrations.trainer`). Loaded on first use, so importing this package needs neither torch nor
-transformers. Axolotl: see docs/api.md (its pinned transformers does not install beside fnscale's).
+(`fnscale.integrations.trainer`), and the Axolotl plugin (`fnscale.integrations.axolotl.FunctionalNetworkPlugin`).
+Loaded on first use, so importing this package needs neither torch nor transformers.
 """
 
 from __future__ import annotations
