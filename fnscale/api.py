@@ -57,18 +57,17 @@ def build_networks(
     `accelerator` to shard the capture over the ranks (every rank gets the same templates).
     """
     mlps = len(find_mlp_layers(model))
-    chosen = parse_layers(layers, mlps) if layers is None or isinstance(layers, str) else sorted({int(x) for x in layers})
+    chosen = sorted({int(x) for x in layers}) if isinstance(layers, (list, tuple, set)) else parse_layers(layers, mlps)
     samples, counts = tokenize_samples(tokenizer, data_sources, samples_per_dataset, max_seq_length, seed)
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     sources = data_sources if isinstance(data_sources, (list, tuple)) else [data_sources or data.DEFAULT_DATASET]
     training = model.training
     templates = build_templates(
-        model, samples, n_components=components, percentile=percentile, site=site, layers=chosen, scope=scope, kind=kind,
-        batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0, seed=seed, accelerator=accelerator, progress=progress,
-        model_name=name, datasets=[str(s) for s in sources], token_counts=counts,
+        model, samples, n_components=components, percentile=percentile, site=site, layers=chosen, scope=scope,
+        kind=kind, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0, seed=seed, accelerator=accelerator,
+        progress=progress, model_name=name, datasets=[str(s) for s in sources], token_counts=counts,
     )
     model.train(training)  # the capture ran in eval mode
     if output is not None and (accelerator is None or accelerator.is_main_process):
         templates.save_folder(output)
     return templates
-

@@ -20,7 +20,11 @@ COMPONENTS = {0: {0: [1, 5, 9, 40], 1: [2, 3]}, 1: {0: [5, 11], 1: [30, 31, 60]}
 
 
 def networks_file(tmp_path) -> str:
-    return str(Templates(layers=[0, 1], neurons_per_layer=64, components=COMPONENTS, num_layers=2, model="tiny").save(tmp_path / "nets.json"))
+    return str(
+        Templates(layers=[0, 1], neurons_per_layer=64, components=COMPONENTS, num_layers=2, model="tiny").save(
+            tmp_path / "nets.json"
+        )
+    )
 
 
 def load(path: str, lora: bool = False):
@@ -31,7 +35,9 @@ def load(path: str, lora: bool = False):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"]))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])
+        )
     return model
 
 
@@ -39,8 +45,11 @@ def mlp_weights(model) -> dict[str, torch.Tensor]:
     """gate/up/down weights per layer (LoRA merged first), cloned."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    return {f"{i}.{n}": getattr(layer.mlp, n).weight.detach().clone()
-            for i, layer in enumerate(model.model.layers) for n in ("gate_proj", "up_proj", "down_proj")}
+    return {
+        f"{i}.{n}": getattr(layer.mlp, n).weight.detach().clone()
+        for i, layer in enumerate(model.model.layers)
+        for n in ("gate_proj", "up_proj", "down_proj")
+    }
 
 
 def train(model, frozen, steps: int = 4, restore: bool = True) -> None:
@@ -64,8 +73,12 @@ def assert_frozen_exactly(before, after, masks):
         masked, kept = torch.nonzero(mask == 0).flatten(), torch.nonzero(mask).flatten()
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             b, a = before[f"{layer}.{name}"], after[f"{layer}.{name}"]
-            assert torch.equal(a.index_select(dim, masked), b.index_select(dim, masked)), f"layer {layer} {name}: masked slice moved"
-            assert not torch.equal(a.index_select(dim, kept), b.index_select(dim, kept)), f"layer {layer} {name}: trained slice did not move"
+            assert torch.equal(a.index_select(dim, masked), b.index_select(dim, masked)), (
+                f"layer {layer} {name}: masked slice moved"
+            )
+            assert not torch.equal(a.index_select(dim, kept), b.index_select(dim, kept)), (
+                f"layer {layer} {name}: trained slice did not move"
+            )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -174,15 +187,30 @@ def test_usage_errors_say_what_to_fix(tiny_llama, tmp_path):
 
 def test_build_networks_finds_networks_that_freeze_networks_uses(tiny_llama, sft_file, tmp_path, tiny_tokenizer):
     model = load(tiny_llama).train()
-    nets = fnscale.build_networks(model, tiny_tokenizer, sft_file, components=3, percentile=90, samples_per_dataset=16,
-                                  max_seq_length=64, output=tmp_path / "nets", progress=False)
+    nets = fnscale.build_networks(
+        model,
+        tiny_tokenizer,
+        sft_file,
+        components=3,
+        percentile=90,
+        samples_per_dataset=16,
+        max_seq_length=64,
+        output=tmp_path / "nets",
+        progress=False,
+    )
     assert model.training  # the capture's eval mode is undone
-    assert nets.site == "intermediate" and nets.layers == [0, 1] and nets.neurons_per_layer == 64 and len(nets.components) == 3
+    assert (
+        nets.site == "intermediate"
+        and nets.layers == [0, 1]
+        and nets.neurons_per_layer == 64
+        and len(nets.components) == 3
+    )
     sizes = [sum(len(v) for v in c.values()) for c in nets.components.values()]
     assert all(s == round(0.1 * 128) or abs(s - 0.1 * 128) <= 2 for s in sizes), sizes  # ~10% of 2 x 64 neurons each
     saved = fnscale.load_networks(tmp_path / "nets" / "global_templates.json")
-    assert {c: {l: v.tolist() for l, v in m.items()} for c, m in saved.components.items()} == \
-        {c: {l: v.tolist() for l, v in m.items()} for c, m in nets.components.items()}
+    assert {c: {l: v.tolist() for l, v in m.items()} for c, m in saved.components.items()} == {
+        c: {l: v.tolist() for l, v in m.items()} for c, m in nets.components.items()
+    }
     before = mlp_weights(load(tiny_llama))
     frozen = fnscale.freeze_networks(model, saved, components=[0, 1], mode="lesion")
     train(model, frozen)
@@ -192,9 +220,11 @@ def test_build_networks_finds_networks_that_freeze_networks_uses(tiny_llama, sft
 
 def test_import_fnscale_stays_light():
     """`import fnscale` (what `fnscale --help` and preflight pay for) imports neither torch nor transformers."""
-    code = ("import sys, fnscale, fnscale.integrations; "
-            "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules)); "
-            "assert callable(fnscale.freeze_networks) and 'torch' in sys.modules")
+    code = (
+        "import sys, fnscale, fnscale.integrations; "
+        "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy; "
+        "assert callable(fnscale.freeze_networks) and 'torch' in sys.modules"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr[-2000:]
     assert set(fnscale.__all__) >= {"load_networks", "build_networks", "freeze_networks"}

@@ -45,8 +45,18 @@ class FunctionalNetworkPlugin(BasePlugin):
         from fnscale.integrations.trainer import FunctionalNetworkCallback
 
         if not cfg.fnscale_networks or cfg.fnscale_components is None:
-            raise UsageError("the fnscale Axolotl plugin needs fnscale_networks (a networks file) and fnscale_components "
-                             "(e.g. [0, 1]) in the YAML")
-        return [FunctionalNetworkCallback(cfg.fnscale_networks, components=cfg.fnscale_components, mode=cfg.fnscale_mode or "lesion",
-                                          effect=cfg.fnscale_effect or "update", control=cfg.fnscale_control,
-                                          seed=cfg.fnscale_seed or 0, layers=cfg.fnscale_layers)]
+            raise UsageError(
+                "the fnscale Axolotl plugin needs fnscale_networks (a networks file) and "
+                "fnscale_components (e.g. [0, 1]) in the YAML"
+            )
+        return [
+            FunctionalNetworkCallback(
+                cfg.fnscale_networks,
+                components=cfg.fnscale_components,
+                mode=cfg.fnscale_mode or "lesion",
+                effect=cfg.fnscale_effect or "update",
+                control=cfg.fnscale_control,
+                seed=cfg.fnscale_seed or 0,
+                layers=cfg.fnscale_layers,
+            )
+        ]

@@ -44,7 +44,9 @@ class FunctionalNetworkCallback(TrainerCallback):
         if self.frozen is not None:  # a second train() on the same trainer (or one that raised)
             self.frozen.remove()
         if model is None:
-            raise RuntimeError("FunctionalNetworkCallback needs the model at on_train_begin; use it with a transformers Trainer")
+            raise RuntimeError(
+                "FunctionalNetworkCallback needs the model at on_train_begin; use it with a transformers Trainer"
+            )
         self.frozen = freeze_networks(model, self.templates, self.components, self.mode, **self.options)
         if state.is_world_process_zero:
             log.info("fnscale: %s-%s masks on components %s, %d neurons frozen", self.mode, self.frozen.effect,

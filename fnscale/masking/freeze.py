@@ -111,8 +111,7 @@ def freeze_networks(
     if control not in CONTROLS:
         raise UsageError(f"unknown control {control!r}; use None or 'random'")
     templates = as_templates(networks)
-    ids = parse_component_ids(components) if isinstance(components, str) else (
-        [int(components)] if isinstance(components, (int, np.integer)) else [int(c) for c in components])
+    ids = _component_ids(components)
     mlps = find_mlp_layers(model)
     site = templates.site
     width = mlps[0].width if site == "intermediate" else mlps[0].hidden
@@ -129,3 +128,12 @@ def freeze_networks(
     masker = Masker(masks, site, kernel, None, guard, zero3=False, decay_free=set(), hold=hold)
     masker.attach(model)  # forward masks: hooks on the down projections (update masks: nothing to attach)
     return FrozenNetworks(masker, ids, mode, effect, control)
+
+
+def _component_ids(components: int | Iterable[int] | str) -> list[int]:
+    """3, [0, 3] or "0,3" -> a list of ids."""
+    if isinstance(components, str):
+        return parse_component_ids(components)
+    if isinstance(components, (int, np.integer)):
+        return [int(components)]
+    return [int(c) for c in components]
