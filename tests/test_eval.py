@@ -263,7 +263,7 @@ def test_cli_eval_with_adapter_and_help(tiny_llama, adapter, sft_file, tmp_path)
     assert (tmp_path / "r" / "report.md").is_file()
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     label = f"{Path(adapter).parent.name}/final"
-    table = [line for line in res.output.splitlines() if line.startswith("| ")]  # the summary table on stdout
+    table = [line for line in res.stdout.splitlines() if line.startswith("| ")]  # the summary table, on stdout
     assert table[0] == "| model | task loss | Δ | EM |" and [r.split(" | ")[0] for r in table[1:]] == ["| base", f"| {label}"]
     assert f"{rep['models'][1]['task']['task']['loss']:.4f}" in table[2]
     assert rep["retention"] == [] and rep["deltas"][f"{Path(adapter).parent.name}/final"]["summary"]["retention_cost"] is None
