@@ -134,7 +134,8 @@ def test_task_and_retention_figures_match_direct_computation(report, tiny_llama,
     base, tok = _load(tiny_llama)
     items = _items(tok, sft_file)
     paragraphs = [p for p in RETENTION.split("\n\n") if p.strip()]
-    ret_items = [{"input_ids": ids, "labels": ids} for ids in (tok(p.strip(), add_special_tokens=False).input_ids for p in paragraphs)]  # no EOS
+    own = [tok(p.strip(), add_special_tokens=False).input_ids for p in paragraphs]  # the text's own tokens: no EOS
+    ret_items = [{"input_ids": ids, "labels": ids} for ids in own]
     full, _ = _load(finetuned)
     lora = PeftModel.from_pretrained(_load(tiny_llama)[0], adapter).eval()
     for kind, model in (("base", base.eval()), ("finetuned", full.eval()), ("adapter", lora)):
@@ -194,7 +195,8 @@ def test_report_files_are_written(report, adapter):
     assert "## What fine-tuning gained (task)" in md and "## What it cost (retention)" in md
     assert f"| {label} |" in md and "task_vs_retention.png" in md
     assert (out / "task_vs_retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert on_disk["retention_metric"] == scoring.RETENTION_METRIC and on_disk["retention"][0]["scored"] == scoring.SCORED_TEXT
+    assert on_disk["retention_metric"] == scoring.RETENTION_METRIC
+    assert on_disk["retention"][0]["scored"] == scoring.SCORED_TEXT
     assert f"scored: {scoring.SCORED_TEXT}" in md and f"metric `{scoring.RETENTION_METRIC}`" in md
     runs = sorted(p.name for p in (out / "tensorboard").iterdir())
     assert len(runs) == 3 and all(list((out / "tensorboard" / r).glob("events.out.tfevents.*")) for r in runs)
@@ -264,7 +266,8 @@ def test_cli_eval_with_adapter_and_help(tiny_llama, adapter, sft_file, tmp_path)
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     label = f"{Path(adapter).parent.name}/final"
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")]  # the summary table, on stdout
-    assert table[0] == "| model | task loss | Δ | EM |" and [r.split(" | ")[0] for r in table[1:]] == ["| base", f"| {label}"]
+    assert table[0] == "| model | task loss | Δ | EM |"
+    assert [r.split(" | ")[0] for r in table[1:]] == ["| base", f"| {label}"]
     assert f"{rep['models'][1]['task']['task']['loss']:.4f}" in table[2]
     assert rep["retention"] == [] and rep["deltas"][f"{Path(adapter).parent.name}/final"]["summary"]["retention_cost"] is None
     help_text = " ".join(_cli(["eval", "--help"]).output.split())

@@ -26,7 +26,8 @@ def _chat_tokenizer():
     from tokenizers.processors import TemplateProcessing
 
     tok = make_tokenizer()
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    bos = [("<s>", tok.bos_token_id)]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=bos)
     tok.add_special_tokens({"additional_special_tokens": [END_OF_TURN, "<|user|>", "<|assistant|>"]})
     tok.chat_template = CHAT
     return tok
@@ -81,12 +82,15 @@ def test_a_model_that_only_learned_to_end_its_turn_shows_no_retention_change(tin
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
     (tmp_path / "r.txt").write_text(PLANTED_TEXT)
     new = scoring.retention_items(tok, str(tmp_path / "r.txt"), 64)
-    old = [data.tokenize_example(tok, ex, data.NO_LIMIT) for ex in data.to_examples(data.load_records(str(tmp_path / "r.txt")))]
+    examples = data.to_examples(data.load_records(str(tmp_path / "r.txt")))
+    old = [data.tokenize_example(tok, ex, data.NO_LIMIT) for ex in examples]
     old = [{"input_ids": it["input_ids"], "labels": it["input_ids"]} for it in old]  # the metric before issue 20
-    assert all(it["input_ids"][-1] == tok.eos_token_id for it in old) and not any(tok.eos_token_id in it["input_ids"] for it in new)
+    assert all(it["input_ids"][-1] == tok.eos_token_id for it in old)
+    assert not any(tok.eos_token_id in it["input_ids"] for it in new)
 
     items = data.build_sft_data(tok, sft_file, 64, validation_split=0.0).train
     for it in items:  # only the end-of-turn token is trained
@@ -137,7 +141,8 @@ def test_eval_stage_shows_a_bar_with_eta_on_a_terminal_and_a_line_otherwise(monk
     assert "[1/2] base · task task" in shown and "4/4" in shown and "<00:00" in shown  # count and ETA
 
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: no bar, one log line per stage
-    with caplog.at_level(logging.INFO, logger=evaluate.__name__), evaluate.stage("[2/2] ft · retention general", 3) as bar:
-        bar.update(3)
+    with caplog.at_level(logging.INFO, logger=evaluate.__name__):
+        with evaluate.stage("[2/2] ft · retention general", 3) as bar:
+            bar.update(3)
     assert evaluate.sys.stderr.getvalue() == ""
     assert [r.getMessage().split(" in ")[0] for r in caplog.records] == ["[2/2] ft · retention general: 3 batches"]

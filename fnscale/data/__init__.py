@@ -19,11 +19,11 @@ from fnscale.data.sources import (
     load_records,
     parse_spec,
 )
-from fnscale.data.tokenize import IGNORE, NO_LIMIT, collate, encode, encode_text, render_prompt, tokenize_all, tokenize_example, truncate
+from fnscale.data.tokenize import IGNORE, NO_LIMIT, collate, encode, render_prompt, tokenize_all, tokenize_example, truncate
 
 __all__ = [
     "ACCEPTED", "DEFAULT_DATASET", "IGNORE", "NO_LIMIT", "SCHEMAS", "SHAPES", "DataOptions", "DatasetSpec", "Example", "SFTData",
-    "build_sft_data", "check_source", "collate", "default_dataset_path", "default_retention_path", "detect_schema", "encode", "encode_text",
+    "build_sft_data", "check_source", "collate", "default_dataset_path", "default_retention_path", "detect_schema", "encode",
     "expand_specs", "load_raw", "load_records", "parse_spec", "preview", "render_prompt", "sample_token_ids", "split_validation",
     "to_examples", "tokenize_all", "tokenize_example", "truncate", "weighted",
 ]

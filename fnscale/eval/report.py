@@ -159,10 +159,10 @@ def markdown(rep: dict) -> str:
     md.append("\n## How the figures are computed\n")
     md.append(
         "- **loss**: mean next-token negative log-likelihood (nats) over scored tokens; **ppl** = exp(loss). Task data scores the "
-        "response tokens and EOS (prompt masked, as in training). Retention data scores every token it holds, in non-overlapping "
-        f"windows (metric `{RETENTION_METRIC}`): plain text on its own tokens, with a BOS where the "
-        "tokenizer adds one but no EOS or end-of-turn token and no chat template (a chat model's loss on an end-of-turn token "
-        "after prose would mask forgetting); SFT data in its training rendering, every token scored.\n"
+        "response tokens and EOS (prompt masked, as in training). Retention data scores every token it holds, in "
+        f"non-overlapping windows (metric `{RETENTION_METRIC}`): plain text on its own tokens, with a BOS where the "
+        "tokenizer adds one but no EOS or end-of-turn token and no chat template (a chat model's loss on an "
+        "end-of-turn token after prose would mask forgetting); SFT data in its training rendering, every token.\n"
         "- **exact match**: greedy generation equals the reference after whitespace normalisation (case-sensitive).\n"
         "- **token accuracy**: share of reference tokens (response + EOS) the greedy generation matches position by position.\n"
         "- **Δ** = model − base: lower loss and higher accuracy are better; a positive retention Δ loss is forgetting.\n"

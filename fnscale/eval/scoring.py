@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fnscale import data
+from fnscale.data.tokenize import encode_text
 from fnscale.errors import UsageError
 
 NO_LIMIT = 10**9  # a max_len that never truncates (chunking happens afterwards)
@@ -130,7 +131,7 @@ class RetentionCorpus:
 def retention_corpus(tokenizer, source: str, max_len: int, max_samples: int | None = None) -> RetentionCorpus:
     """Every token of the corpus scored, in non-overlapping windows of max_len (long texts are chunked, not cut).
 
-    Plain text (.txt, `text` columns) is scored on its own tokens (`data.encode_text`): nothing a chat model
+    Plain text (.txt, `text` columns) is scored on its own tokens (`encode_text`): nothing a chat model
     learns about ending a turn moves the figure. SFT data is rendered as in training, prompt tokens scored too.
     """
     path = data.default_retention_path() if source in ("", "default") else source
@@ -138,7 +139,7 @@ def retention_corpus(tokenizer, source: str, max_len: int, max_samples: int | No
     items, kinds = [], set()
     for ex in data.to_examples(records):
         if ex.messages is None:
-            ids = data.encode_text(tokenizer, ex.text)
+            ids = encode_text(tokenizer, ex.text)
         else:
             tok = data.tokenize_example(tokenizer, ex, NO_LIMIT)
             if tok is None:

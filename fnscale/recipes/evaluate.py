@@ -333,8 +333,10 @@ def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, Ret
         torch.manual_seed(cfg.seed)
         with stage(f"{label} · task {t.name}", n_batches(t.items) + n_batches(t.gen_items)) as bar:
             scores = corpus_loss(model, t.items, cfg.batch_size, pad, device, bar)
-            no_generations = {"exact_match": None, "token_accuracy": None, "generated": 0, "samples": []}
-            scores.update(greedy_scores(model, tokenizer, t.gen_items, cfg.batch_size, device, bar) if t.gen_items else no_generations)
+            gen = {"exact_match": None, "token_accuracy": None, "generated": 0, "samples": []}  # nothing to generate
+            if t.gen_items:
+                gen = greedy_scores(model, tokenizer, t.gen_items, cfg.batch_size, device, bar)
+            scores.update(gen)
         result["task"][t.name] = scores
     for name, corpus in retention.items():
         with stage(f"{label} · retention {name}", n_batches(corpus.items)) as bar:
@@ -364,7 +366,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         if not any(split_prompt(i)[0] for i in t.gen_items):
             raise UsageError(f"sequence task {t.source} is plain text (no prompts), so --cl-metric {cfg.cl_metric} cannot be scored on it")
     ret_sources = [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))
-    retention = {n: retention_corpus(tokenizer, s, cfg.max_seq_length, cfg.max_samples) for n, s in zip(corpus_names(ret_sources), ret_sources)}
+    retention = {n: retention_corpus(tokenizer, s, cfg.max_seq_length, cfg.max_samples)
+                 for n, s in zip(corpus_names(ret_sources), ret_sources)}
 
     base = load_placed(source, dtype, place, cfg.trust_remote_code, device)
     if place is not None:
@@ -382,7 +385,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         "model": source.display_name,
         "tasks": [{"name": t.name, "source": t.source, "split": cfg.task_split, "examples": len(t.items), "generated": len(t.gen_items)} for t in tasks],
         "retention_metric": RETENTION_METRIC,
-        "retention": [{"name": n, "source": s, "chunks": len(retention[n].items), "scored": retention[n].scored} for n, s in zip(retention, ret_sources)],
+        "retention": [{"name": n, "source": s, "chunks": len(c.items), "scored": c.scored}
+                      for (n, c), s in zip(retention.items(), ret_sources)],
         "notes": [n for v in variants for n in v.notes],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "debug"},
         "device": str(device),

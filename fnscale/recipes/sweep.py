@@ -249,8 +249,9 @@ def finished(folder: Path, expected: dict) -> dict | None:
     from fnscale.eval.scoring import RETENTION_METRIC
 
     if done is not None and done.get("retention_metric") != RETENTION_METRIC:  # figures of two metrics must not mix
-        raise UsageError(f"{folder} was scored with an older retention metric ({done.get('retention_metric', 'retention/1')}, "
-                         f"now {RETENTION_METRIC}); remove it or pick another --output to score it again")
+        old = done.get("retention_metric", "retention/1")
+        raise UsageError(f"{folder} was scored with an older retention metric ({old}, now {RETENTION_METRIC}); "
+                         "remove it or pick another --output to score it again")
     return done
 
 
