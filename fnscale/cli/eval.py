@@ -32,7 +32,7 @@ def _echo_summary(rep: dict) -> None:
 
     click.echo(summary_table(rep), nl=False)
     for r in rep["retention"]:
-        click.echo(f"retention {r['name']} ({rep['retention_metric']}): {r['scored']}")
+        click.echo(f"retention corpus {r['name']} ({rep['retention_metric']}) scored: {r['scored']}")
     if "continual" in rep:
         c = rep["continual"]
         fmt = lambda x: "n/a" if x is None else f"{x:+.4f}"  # noqa: E731
