@@ -247,6 +247,7 @@ def test_report_only_lists_unfinished_runs_and_changed_options_are_refused(tiny_
     rep = sweep.run_sweep(path, str(out), report_only=True)["report"]
     assert rep["missing"] == ["full-seed2", "lora-seed1", "lora-seed2"] and [r["run"] for r in rep["runs"]] == ["full-seed1"]
     assert "Not finished (3)" in (out / "sweep.md").read_text()
+    assert "retention metric `retention/2` (plain text scored on its own tokens" in (out / "sweep.md").read_text()
     cfg = yaml.safe_load(Path(path).read_text())
     cfg["runs"][0]["learning_rate"] = 1e-3
     _write(out.parent / "sweep.yaml", cfg)

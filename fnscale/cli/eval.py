@@ -28,10 +28,11 @@ def eval_cmd(ctx, config_file, **values):
 
 
 def _echo_summary(rep: dict) -> None:
-    for m in rep["models"]:
-        task = "  ".join(f"{t} loss {s['loss']:.4f}" for t, s in m["task"].items())
-        ret = "  ".join(f"{c} ppl {s['ppl']:.2f}" for c, s in m["retention"].items())
-        click.echo(f"{m['label']:24s} {task}  {ret}")
+    from fnscale.eval.report import summary_table
+
+    click.echo(summary_table(rep), nl=False)
+    for r in rep["retention"]:
+        click.echo(f"retention corpus {r['name']} ({rep['retention_metric']}) scored: {r['scored']}")
     if "continual" in rep:
         c = rep["continual"]
         fmt = lambda x: "n/a" if x is None else f"{x:+.4f}"  # noqa: E731

@@ -82,6 +82,15 @@ def _bos(tokenizer) -> list[int]:
     return [bos] if probe and probe[0] == bos else []
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Plain text as a language model reads it: a BOS where the tokenizer adds one, then the text's own tokens.
+
+    No EOS or end-of-turn token and no chat template: retention scoring uses this, so that a chat model's
+    (high, and easily fine-tuned) loss on an end-of-turn token after plain prose does not enter the figure.
+    """
+    return _bos(tokenizer) + tokenizer(text, add_special_tokens=False).input_ids
+
+
 def encode(tokenizer, examples: list[Example], template: str = "auto", train_on_inputs: bool = False) -> list[dict]:
     """Full-length items {input_ids, labels, cut}: cut is where the last assistant turn starts (-1 for text)."""
     chat, bos = _use_chat(tokenizer, template), _bos(tokenizer)

@@ -122,7 +122,9 @@ def markdown(rep: dict) -> str:
     notes = [
         f"# Sweep: {rep['sweep']}", "",
         ("Mean ± sample standard deviation over seeds. Task gain = base task loss - task loss (higher is better); "
-         "retention cost = rise of retention perplexity vs the base, in percent (lower is better). "
+         "retention cost = rise of retention perplexity vs the base, in percent (lower is better); retention "
+         f"metric `{base.get('retention_metric', 'retention/1')}` (plain text scored on its own tokens, no EOS or "
+         "end-of-turn token; SFT data as rendered for training). "
          "Pareto: no other configuration has at least its mean gain and at most its mean cost."), "",
         *lines, "",
     ]

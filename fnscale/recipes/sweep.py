@@ -239,6 +239,7 @@ def score(sweep: Sweep, model: str | None, gguf_file: str | None, output: Path) 
     return {
         "task_loss": {name: s["loss"] for name, s in scores["task"].items()},
         "retention_ppl": {name: s["ppl"] for name, s in scores["retention"].items()},
+        "retention_metric": rep["retention_metric"],
         "report": rep["files"]["json"],
     }
 
@@ -265,6 +266,12 @@ def finished(folder: Path, expected: dict) -> dict | None:
     done = read_done(folder)
     if done is not None and done.get("config") != expected:
         raise UsageError(f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick another --output")
+    from fnscale.eval.scoring import RETENTION_METRIC
+
+    if done is not None and done.get("retention_metric") != RETENTION_METRIC:  # figures of two metrics must not mix
+        old = done.get("retention_metric", "retention/1")
+        raise UsageError(f"{folder} was scored with an older retention metric ({old}, now {RETENTION_METRIC}); "
+                         "remove it or pick another --output to score it again")
     return done
 
 

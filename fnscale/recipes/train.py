@@ -210,7 +210,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, metrics, total_steps)
     trainer.log({"step": progress.step, "examples": sft.counts})
     if retention_before is not None:
-        trainer.log({"step": progress.step, **retention_before})
+        trainer.log({"step": progress.step, **retention_before, **retention.describe()})
     if masker is not None:
         trainer.log({"step": progress.step, **masker.stats()})
 
@@ -468,7 +468,7 @@ class Trainer:
         if retention is not None:
             after = retention.measure(self.accelerator.unwrap_model(self.model), self.accelerator, prefix="retention_after")
             self.log({"step": step, **after})
-            scores.update(after)
+            scores.update({**after, **retention.describe()})
         return scores
 
     def log(self, record: dict) -> None:
