@@ -336,7 +336,7 @@ def typed(cls, values: dict, source: str = "config", lines: dict[str, int] | Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields), key=lambda k: lines.get(k, 0))
     if unknown:
-        raise UsageError(f"{place(unknown[0])}: unknown option(s) {', '.join(unknown)}; see `fnscale {command} --help`")
+        raise UsageError(f"{place(unknown[0])}: unknown option(s) in config file: {', '.join(unknown)}; see `fnscale {command} --help`")
     out = {}
     for key, value in values.items():
         try:

@@ -50,7 +50,8 @@ def options_from(cls, only: tuple[str, ...] | None = None):
 def config_option(fn):
     """`--config FILE.yaml`: option values from a file; flags given on the command line override it."""
     return click.option(
-        "--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML file of options; flags given here override it"
+        "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+        help="YAML file of options (keys as --print-config shows them, values read as the flags read them); flags given here override it"
     )(fn)
 
 
