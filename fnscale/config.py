@@ -303,7 +303,7 @@ def value_of(f: dataclasses.Field, value):
         raise ValueError("needs a value (it is empty)")
     if isinstance(f.default, tuple):
         return tuple(_scalar(f, v) for v in (value if isinstance(value, list | tuple) else [value]))
-    if isinstance(value, list | tuple) and click_type(f) is click.STRING and not isinstance(f.default, bool):
+    if isinstance(value, list | tuple) and click_type(f) is click.STRING:
         value = ",".join(str(_scalar(f, v)) for v in value)
     return _scalar(f, value)
 

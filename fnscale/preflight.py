@@ -84,6 +84,7 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def check_parents(p: Path, flag: str, given: str) -> None:
+    """The nearest existing folder above `p` must be a folder (makedirs would fail on a file with FileExistsError)."""
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
