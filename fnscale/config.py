@@ -44,7 +44,8 @@ class Limits:
         if not (lo_bad or hi_bad):
             return None
         if self.low is not None and self.high is not None:
-            edges = {(True, True): " (exclusive)", (False, True): f" ({self.high:g} excluded)", (True, False): f" ({self.low:g} excluded)"}
+            edges = {(True, True): " (exclusive)", (False, True): f" ({self.high:g} excluded)",
+                     (True, False): f" ({self.low:g} excluded)"}
             return f"must be between {self.low:g} and {self.high:g}{edges.get((self.low_open, self.high_open), '')}"
         if self.low is not None:
             return f"must be {'greater than' if self.low_open else 'at least'} {self.low:g}"
@@ -59,9 +60,11 @@ SHARE = Limits(0, 1, high_open=True)  # a held-out share: 0 (none) up to, not in
 RATIO = Limits(0, 1)
 
 
-def opt(default, help: str, choices=None, flag: str | None = None, secondary: str | None = None, limits: Limits | None = None):
+def opt(default, help: str, choices=None, flag: str | None = None, secondary: str | None = None,
+        limits: Limits | None = None):
     """A config field with the metadata the CLI needs."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "secondary": secondary, "limits": limits})
+    meta = {"help": help, "choices": choices, "flag": flag, "secondary": secondary, "limits": limits}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -79,7 +82,8 @@ class TrainConfig:
                                    "a trailing :WEIGHT scales how many of its examples are used (old.jsonl:0.2), or a .yaml list of "
                                    "{path, weight, schema, columns}; default: bundled sample data")
     validation_dataset: str | None = opt(None, "held-out data (the same kinds as --dataset); default: split off --validation-split of --dataset")
-    validation_split: float = opt(0.05, "share of each --dataset held out for evaluation when there is no --validation-dataset", limits=SHARE)
+    validation_split: float = opt(0.05, "share of each --dataset held out for evaluation when there is no --validation-dataset",
+                                  limits=SHARE)
     schema: str = opt("auto", "column schema (auto: detected, see README)", list(SCHEMAS))
     prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)")
     response_column: str | None = opt(None, "custom response column (with --prompt-column)")
@@ -208,18 +212,21 @@ class EvalConfig:
     task: str | None = opt(None, "task data: file, folder or glob (.json/.jsonl/.csv/.parquet/.txt, .gz too) or hub NAME[:CONFIG[:SPLIT]]; "
                               "default: the bundled sample data")
     task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
-    validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)", limits=SHARE)
+    validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)",
+                                  limits=SHARE)
     schema: str = opt("auto", "column schema of the task data", list(SCHEMAS))
     template: str = opt("auto", "prompt format (as in training)", ["auto", "chat", "plain"])
     prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined (with --response-column); default: from --schema")
     response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
-    max_samples: int | None = opt(None, "use only the first N records of each data file; default: all", limits=AT_LEAST_1)
+    max_samples: int | None = opt(None, "use only the first N records of each data file; default: all",
+                                  limits=AT_LEAST_1)
     # retention
     retention: tuple[str, ...] = opt(
         (), "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips"
     )
     # generation
-    generate: int = opt(32, "greedy generations per task scored for exact match and token accuracy (0: none)", limits=NON_NEGATIVE)
+    generate: int = opt(32, "greedy generations per task scored for exact match and token accuracy (0: none)",
+                        limits=NON_NEGATIVE)
     cl_metric: str = opt("token_accuracy", "score in the continual-learning matrix R", list(CL_METRICS))
     lm_eval_tasks: str | None = opt(None, "comma-separated lm-eval harness tasks (needs `pip install lm-eval` and reachable data); default: none")
     lm_eval_limit: int | None = opt(None, "examples per lm-eval task; default: all")
@@ -274,7 +281,8 @@ def config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
     for key_node, _ in node.value:
         key = str(key_node.value).replace("-", "_")
         if key in lines:
-            raise UsageError(f"{path} line {key_node.start_mark.line + 1}: {key} is given twice (first on line {lines[key]}); keep one")
+            line = key_node.start_mark.line + 1
+            raise UsageError(f"{path} line {line}: {key} is given twice (first on line {lines[key]}); keep one")
         lines[key] = key_node.start_mark.line + 1
     return {str(k).replace("-", "_"): v for k, v in data.items()}, lines
 
@@ -328,7 +336,8 @@ def _scalar(f: dataclasses.Field, value):
     return converted
 
 
-def typed(cls, values: dict, source: str = "config", lines: dict[str, int] | None = None, command: str = "train") -> dict:
+def typed(cls, values: dict, source: str = "config", lines: dict[str, int] | None = None,
+          command: str = "train") -> dict:
     """`values` (from a file or a dict) converted and checked like the command's flags; errors name `source`, the line
     (from `lines`, when known) and the key."""
     lines = lines or {}
@@ -336,7 +345,8 @@ def typed(cls, values: dict, source: str = "config", lines: dict[str, int] | Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields), key=lambda k: lines.get(k, 0))
     if unknown:
-        raise UsageError(f"{place(unknown[0])}: unknown option(s) in config file: {', '.join(unknown)}; see `fnscale {command} --help`")
+        raise UsageError(f"{place(unknown[0])}: unknown option(s) in config file: {', '.join(unknown)}; "
+                         f"see `fnscale {command} --help`")
     out = {}
     for key, value in values.items():
         try:

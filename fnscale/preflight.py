@@ -61,7 +61,7 @@ def check_train_options(cfg) -> Templates | None:
 
 
 def check_build_options(cfg) -> None:
-    """`templates build`: what can be refused before the model loads (bounds and choices are checked with the options)."""
+    """`templates build`: what can be refused before the model loads (bounds and choices come with the options)."""
     check_ddp_timeout(cfg.ddp_timeout)
     check_output_folder(cfg.output, "--output")
     check_hub_model(cfg.model, cfg.gguf_file)

@@ -51,7 +51,8 @@ def config_option(fn):
     """`--config FILE.yaml`: option values from a file; flags given on the command line override it."""
     return click.option(
         "--config", "config_file", type=click.Path(dir_okay=False), default=None,
-        help="YAML file of options (keys as --print-config shows them, values read as the flags read them); flags given here override it"
+        help="YAML file of options (keys as --print-config shows them, values read as the flags read them); "
+        "flags given here override it"
     )(fn)
 
 
@@ -77,7 +78,8 @@ def load_config(cls, ctx: click.Context, path: str | None, values: dict):
 
 def print_config_option(fn):
     """`--print-config`: show the resolved options as YAML (a valid --config file) and exit without running."""
-    return click.option("--print-config", is_flag=True, help="print the resolved options as YAML (usable as --config) and exit")(fn)
+    help_text = "print the resolved options as YAML (usable as --config) and exit"
+    return click.option("--print-config", is_flag=True, help=help_text)(fn)
 
 
 def echo_config(cfg) -> None:

@@ -68,7 +68,8 @@ def _requested_fsdp() -> bool:
 
 def launch_configs_folder() -> Path:
     """The shipped launch_configs/: the checkout's, or the installed package's copy."""
-    return next((p for p in (REPO_ROOT / "launch_configs", PACKAGE_ROOT / "launch_configs") if p.is_dir()), PACKAGE_ROOT / "launch_configs")
+    folders = (REPO_ROOT / "launch_configs", PACKAGE_ROOT / "launch_configs")
+    return next((p for p in folders if p.is_dir()), folders[1])
 
 
 def _resolve_deepspeed_config_file() -> None:
