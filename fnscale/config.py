@@ -245,6 +245,55 @@ class EvalConfig:
     offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
 
 
+SELECTORS = ("activation", "fisher", "random")  # `templates select --by`
+
+
+@dataclass
+class NetworkDataConfig:
+    """The model and data `templates select` and `templates rank` score networks on (data options as in `templates build`)."""
+
+    model: str | None = opt(None, "model id, folder or .gguf; default: the model the networks file names (the embedded SmolLM2 when "
+                            "it names that or none)")
+    gguf_file: str | None = opt(None, "GGUF file inside --model")
+    data: tuple[str, ...] = opt((), "data to score on: file, folder, glob or hub NAME[:CONFIG[:SPLIT]], as in `templates build`; "
+                                "default: bundled sample data")
+    samples_per_dataset: int = opt(100, "examples drawn from each --data (a seeded choice)", limits=AT_LEAST_1)
+    schema: str = opt("auto", "column schema of the data (auto: detected, see README)", list(SCHEMAS))
+    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)")
+    response_column: str | None = opt(None, "custom response column (with --prompt-column)")
+    template: str = opt("auto", "prompt format as in training: the tokenizer's chat template (auto, when it has one) or a plain one",
+                        ["auto", "chat", "plain"])
+    max_seq_length: int = opt(512, "truncate examples to this many tokens", limits=AT_LEAST_1)
+    batch_size: int = opt(8, "examples per forward pass", limits=AT_LEAST_1)
+    dtype: str = opt("auto", "model dtype", DTYPES)
+    device: str = opt("auto", "device (auto: CUDA > MPS > CPU), e.g. cpu or cuda:1")
+    trust_remote_code: bool = opt(False, "allow custom model code from the hub")
+    seed: int = opt(0, "seed of the data sample and of random draws")
+
+
+@dataclass
+class TemplatesSelectConfig(NetworkDataConfig):
+    """`fnscale templates select`: one component of as many neurons per layer as --like's chosen components hold."""
+
+    by: str | None = opt(None, "activation: highest mean |activation| over the data's tokens; fisher: highest mean squared gradient "
+                         "of the example's LM loss with respect to a per-neuron gate; random: a seeded draw", list(SELECTORS))
+    like: str | None = opt(None, "networks file whose per-layer counts (and capture site and layers) the selection matches")
+    ica_component_ids: str | None = opt(None, "components of --like whose union per layer sets the counts, e.g. 0,3 or top:3 "
+                                        "(a ranked file); default: all")
+    share: float | None = opt(None, "instead of component counts: this share of every captured layer's neurons, e.g. 0.1",
+                              limits=Limits(0, 1, low_open=True))
+    output: str | None = opt(None, "networks JSON file to write")
+
+
+@dataclass
+class TemplatesRankConfig(NetworkDataConfig):
+    """`fnscale templates rank`: the rise in loss when each component is lesioned, against size-matched random lesions."""
+
+    ica_component_ids: str | None = opt(None, "components to rank, e.g. 0,3; default: all")
+    random_draws: int = opt(3, "random lesions per component (same size per layer), averaged", limits=AT_LEAST_1)
+    output: str | None = opt(None, "where to write the ranked networks file; default: update the file in place")
+
+
 def read_yaml(path: str | Path, what: str = "config file"):
     """The parsed YAML (or JSON, a subset of YAML) of `path`; a missing or malformed file is a one-line UsageError."""
     return _read(path, what)[0]

@@ -16,17 +16,37 @@ from fnscale.models.paths import check_hub_model, local_config_folder
 from fnscale.networks.templates import Templates
 
 
-def parse_component_ids(spec: str | None) -> list[int]:
-    """`0,3` or the reference's `[0, 3]` -> [0, 3]."""
+def parse_component_ids(spec: str | None, templates: Templates | None = None) -> list[int]:
+    """`0,3` or the reference's `[0, 3]` -> [0, 3]; `top:K` -> the K most important components of a ranked `templates`
+    (`fnscale templates rank`), most important first."""
     if spec is None or not str(spec).strip("[] "):
         raise UsageError("--mask-mode needs --ica-component-ids, e.g. 0,3")
+    text = str(spec).strip()
+    if text.lower().startswith("top:"):
+        return _top_ids(text, templates)
     try:
-        ids = [int(p) for p in str(spec).strip("[] ").split(",") if p.strip()]
+        ids = [int(p) for p in text.strip("[] ").split(",") if p.strip()]
     except ValueError:
-        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3") from None
+        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3, or top:K") from None
     if any(i < 0 for i in ids):
         raise UsageError(f"component ids must be >= 0, got {spec!r}")
     return ids
+
+
+def _top_ids(spec: str, templates: Templates | None) -> list[int]:
+    try:
+        k = int(spec[4:])
+    except ValueError:
+        raise UsageError(f"bad --ica-component-ids {spec!r}; top:K takes a whole number, e.g. top:3") from None
+    if k < 1:
+        raise UsageError(f"--ica-component-ids {spec}: K must be at least 1")
+    if templates is None or not templates.ranking:
+        raise UsageError(f"--ica-component-ids {spec} needs a ranked networks file; rank it first with "
+                         "`fnscale templates rank NETWORKS.json --data DATA`, or list the ids, e.g. 0,3")
+    order = [int(c["id"]) for c in templates.ranking["components"]]
+    if k > len(order):
+        raise UsageError(f"--ica-component-ids {spec}: the file ranks {len(order)} components; use top:{len(order)} or fewer")
+    return order[:k]
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -122,10 +142,11 @@ def check_mask_options(cfg) -> Templates | None:
     check_mask_combinations(cfg)
     if cfg.mask_mode == "none":
         return None
-    ids = parse_component_ids(cfg.ica_component_ids)
     if not cfg.ica_template_path:
+        parse_component_ids(cfg.ica_component_ids)  # computed templates are unranked: top:K is refused here
         return None  # templates are computed on the training data: ids and layers are checked once they exist
     templates = Templates.load(cfg.ica_template_path)
+    ids = parse_component_ids(cfg.ica_component_ids, templates)
     templates.component_neurons(ids)  # refuses ids the template does not have
     if cfg.ica_layers:
         top = templates.num_layers or max(templates.layers) + 1

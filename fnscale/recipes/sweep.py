@@ -7,7 +7,8 @@ Each run trains in a subprocess (`python -m fnscale train --config RUN/config.ya
 cannot take the sweep with it, and any `train` option works in a grid, including ones added later.
 
 Layout of --output: base/ (the base model scored once), runs/NAME-seedS/ (config.yaml, train/,
-eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.eval.sweep_report).
+eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.eval.sweep_report). `compare` lists
+configuration pairs [A, B] whose differences A - B the report gives paired by seed, with a 95% interval.
 A run with a done.json (written atomically after its eval report) is skipped on restart; one made
 with other options than the file now gives is refused rather than mixed into the report.
 """
@@ -34,7 +35,7 @@ from fnscale.runtime.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = {"train", "eval", "seeds", "runs", "grid", "reference", "launcher"}
+SWEEP_KEYS = {"train", "eval", "seeds", "runs", "grid", "reference", "launcher", "compare"}
 SET_BY_SWEEP = {"seed", "output_dir"}  # each run's own; set per run
 BASE_ONLY = {"model", "gguf_file"}  # every run must start from the base that is scored
 DONE = "done.json"
@@ -64,6 +65,7 @@ class Sweep:
     reference: str | None = None
     launcher: str | None = None
     runs: list[Run] = field(default_factory=list)
+    compare: list[tuple[str, str]] = field(default_factory=list)  # configuration pairs (a, b): a - b paired by seed
 
 
 # ---------------------------------------------------------------- reading the sweep file
@@ -155,7 +157,25 @@ def load(path: str | os.PathLike) -> Sweep:
     sweep = Sweep(Path(path), _options(raw.get("train") or {}, "train", folder), {k: _local(v, folder) for k, v in eval_opts.items()},
                   seeds, configs, raw.get("reference"), raw.get("launcher"))
     sweep.runs = [Run(i, name, seed, opts) for i, ((name, opts), seed) in enumerate(itertools.product(configs, seeds))]
+    sweep.compare = _compare_pairs(raw.get("compare"), names, path)
     return sweep
+
+
+def _compare_pairs(pairs, names: list[str], path) -> list[tuple[str, str]]:
+    """`compare: [[A, B], ...]`: configuration pairs whose differences A - B the report gives paired by seed."""
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise UsageError(f"{path}: `compare` must be a list of configuration pairs, e.g. [[lesion-ica, lesion-random]]")
+    out = []
+    for a, b in pairs:
+        for name in (a, b):
+            if str(name) not in names:
+                raise UsageError(f"{path}: compare: {name!r} is not a configuration name; pick from {', '.join(names)}")
+        if str(a) == str(b):
+            raise UsageError(f"{path}: compare: [{a}, {b}] compares a configuration with itself")
+        out.append((str(a), str(b)))
+    return out
 
 
 # ---------------------------------------------------------------- one run
