@@ -2,7 +2,8 @@
 
 `check_mask_options` needs no model (ids given, template file readable, ids and --ica-layers within the
 template); `check_template_fits_config` reads only the model's config.json (no weights) and compares the
-template's layer count and width with it. Each refusal is one UsageError line. No torch import here.
+template's layer count and width with it; output paths must be writable places, and a hub model must be cached
+or reachable. Each refusal is one UsageError line. No torch import here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 from fnscale.errors import UsageError
-from fnscale.models.paths import local_config_folder
+from fnscale.models.paths import check_hub_model, local_config_folder
 from fnscale.networks.templates import Templates
 
 
@@ -71,10 +72,44 @@ def check_train_options(cfg) -> Templates | None:
     .gguf file (other sources are checked once resolved, still before the weights load)."""
     check_ddp_timeout(cfg.ddp_timeout)
     templates = check_mask_options(cfg)
+    check_output_folder(cfg.output_dir, "--output-dir")
     folder = local_config_folder(cfg.model, cfg.gguf_file) if templates is not None else None
     if folder is not None:
         check_template_fits_config(templates, str(folder))
+    check_hub_model(cfg.model, cfg.gguf_file)
     return templates
+
+
+def check_build_options(cfg) -> None:
+    """`templates build`: what can be refused before the model loads (bounds and choices come with the options)."""
+    check_ddp_timeout(cfg.ddp_timeout)
+    check_output_folder(cfg.output, "--output")
+    check_hub_model(cfg.model, cfg.gguf_file)
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """A folder fnscale will write into: neither it nor a folder above it may be a file."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} is a file; pick a folder")
+    check_parents(p, flag, path)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file fnscale will write: not a folder, and no folder above it may be a file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {p / 'templates.json'}")
+    check_parents(p, flag, path)
+
+
+def check_parents(p: Path, flag: str, given: str) -> None:
+    """The nearest existing folder above `p` must be a folder (makedirs would fail on a file with FileExistsError)."""
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {given} is not writable: {parent} is a file, not a folder; pick another path")
+            return
 
 
 def check_ddp_timeout(seconds: int) -> None:

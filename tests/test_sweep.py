@@ -267,7 +267,7 @@ def test_a_failed_run_stops_the_sweep_with_its_error_line(tiny_sweep):
     cfg = yaml.safe_load(Path(path).read_text())
     cfg["runs"][0]["max_seq_length"] = 0  # `fnscale train` refuses it
     _write(out.parent / "sweep.yaml", cfg)
-    with pytest.raises(RunError, match=r"run full-seed1 failed \(exit 2\): error: --max-seq-length must be at least 1"):
+    with pytest.raises(RunError, match=r"run full-seed1 failed \(exit 2\): error: \S+config.yaml line \d+: max_seq_length: 0 must be at least 1"):
         sweep.run_sweep(path, str(out), only=(0,))
     assert not (out / "runs/full-seed1/done.json").exists() and (out / "runs/full-seed1/train.log").is_file()
 

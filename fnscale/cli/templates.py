@@ -10,7 +10,7 @@ import dataclasses
 
 import click
 
-from fnscale.cli.options import CONTEXT, config_option, load_config, options_from
+from fnscale.cli.options import CONTEXT, config_option, echo_config, load_config, options_from, print_config_option
 from fnscale.config import TemplatesBuildConfig, TemplatesRankConfig, TemplatesSelectConfig
 
 
@@ -31,19 +31,25 @@ def model_and_datasets(model_arg: str | None, dataset_args: tuple[str, ...], mod
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.argument("dataset_args", metavar="[DATASET]...", nargs=-1)
 @config_option
+@print_config_option
 @options_from(TemplatesBuildConfig)
 @click.pass_context
-def build(ctx, model_arg, dataset_args, config_file, **values):
+def build(ctx, model_arg, dataset_args, config_file, print_config: bool, **values):
     """Find functional networks of MODEL on DATASET(s) and save them as templates.
 
     A model or datasets given on the command line (as arguments or flags) replace those of --config.
     Under `accelerate launch`, each process captures its share of the samples and the results are merged.
     """
-    from fnscale.recipes.build_networks import run_build
+    from fnscale.preflight import check_build_options
 
     cfg = load_config(TemplatesBuildConfig, ctx, config_file, values)
     model, datasets = model_and_datasets(model_arg, dataset_args, values["model"], values["dataset"])
     cfg = dataclasses.replace(cfg, model=model or cfg.model, dataset=tuple(datasets) or cfg.dataset)
+    if print_config:
+        return echo_config(cfg)
+    check_build_options(cfg)  # before torch and the weights load
+    from fnscale.recipes.build_networks import run_build
+
     res = run_build(cfg)
     if "path" in res:  # the main process wrote the files
         click.echo(res["templates"].coverage_table())
@@ -90,7 +96,9 @@ def random(like, seed, output):
     """Save a random control: each component of --like replaced by as many random neurons per layer (same site)."""
     from fnscale.networks.controls import random_templates
     from fnscale.networks.templates import Templates
+    from fnscale.preflight import check_output_file
 
+    check_output_file(output, "--output")
     control = random_templates(Templates.load(like), seed)
     click.echo(f"saved {control.save(output)}: random control of {like} (seed {seed}), {len(control.components)} components")
 
