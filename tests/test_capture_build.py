@@ -124,7 +124,7 @@ def test_build_templates_runs_cuml_when_asked(tiny_llama, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     _, ref = _pca_of_build(model, monkeypatch, backend="numpy")
     with ActivationCapture(model) as cap:
-        x = torch.cat([cap.run(*_padded([s])) for s in _samples()]).double().numpy()
+        x = torch.cat([torch.as_tensor(cap.run(*_padded([s]))) for s in _samples()]).double().numpy()
     xs = (x - x.mean(0)) / x.std(0, ddof=1)
     s, vt = np.linalg.svd(xs, full_matrices=False)[1:]
     fed = install_cuml_standin(monkeypatch)
@@ -176,16 +176,24 @@ def test_activations_reach_the_pca_as_tensors_without_host_copies(tiny_llama, mo
 
 
 def test_capture_device_is_read_from_the_model(tiny_llama):
-    """Capture batches go where the model's input embeddings are (a model not yet placed stays on the CPU), unless
-    `device` says otherwise."""
-    from fnscale.recipes.build_networks import _input_device
+    """Capture batches go where the model's input embeddings are, not to the accelerator's device: a model that is
+    not placed yet (networks computed inside a training run, issue 20 item 1) is captured where it is. Here the
+    accelerator says CUDA (absent on this machine) and the model is on the CPU: ae41823 sent the batches to CUDA."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    assert _input_device(model, None) == torch.device("cpu")
-    model.model.embed_tokens.to("meta")
-    assert _input_device(model, None) == torch.device("meta")
-    wrapped = torch.nn.Sequential(torch.nn.Linear(2, 2))  # no input embeddings: the first parameter's device
-    assert _input_device(wrapped, None) == torch.device("cpu")
+    on_gpu = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda"), distributed_type=DistributedType.NO)
+    t = build_templates(model, _samples(), n_components=4, percentile=90.0, accelerator=on_gpu, progress=False)
+    assert t.n_components == 4
+
+    from fnscale.recipes.build_networks import _input_device
+
+    assert _input_device(model, on_gpu) == torch.device("cpu")
+    model.model.embed_tokens.to("meta")  # offloaded embeddings: accelerate's hooks move the inputs
+    assert _input_device(model, on_gpu) == torch.device("cuda") and _input_device(model, None) == torch.device("cpu")
+    assert _input_device(torch.nn.Sequential(torch.nn.Linear(2, 2)), on_gpu) == torch.device("cpu")  # no embeddings
 
 
 def test_layer_scope_and_spatial(tiny_gpt2):

@@ -113,14 +113,17 @@ def _plan_cache(budget, samples, cap: ActivationCapture, passes_after_first: int
 
 def _input_device(model, accelerator) -> torch.device:
     """Where the model takes its inputs: its input embeddings' device (for a model split over devices, the first
-    one). Under ZeRO-3 the parameters are partitioned placeholders and the accelerator's device computes."""
+    one), wherever the accelerator is (a model may not be placed yet). Under ZeRO-3 (partitioned placeholders) and
+    for offloaded embeddings (on `meta`; accelerate's hooks move inputs), the accelerator's device."""
     if accelerator is not None and zero_stage(accelerator) == 3:
         return accelerator.device
     try:
         weight = model.get_input_embeddings().weight
     except (AttributeError, NotImplementedError):  # e.g. a DDP wrapper, or a model without input embeddings
-        weight = None
-    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
+        weight = next(model.parameters(), None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+        return accelerator.device if accelerator is not None else torch.device("cpu")
+    return weight.device
 
 
 def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str,
