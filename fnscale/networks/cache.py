@@ -4,9 +4,8 @@ With a cache, template building runs one forward pass (statistics + PCA, keeping
 projects the kept activations afterwards; without one it recomputes the forward pass for the projection.
 `--cache-budget-gb auto` (the default) caches when the activations fit in `AUTO_SHARE` of the memory
 available after the model is loaded, split over the processes of this machine (the cache lives in host
-memory on every device: captured activations are encoded where they are and their float16 values copied to the
-CPU). A number is an explicit budget in
-GB per process; 0 turns the cache off.
+memory on every device: activations are encoded where they were computed and only their float16 values are
+copied to the CPU). A number is an explicit budget in GB per process; 0 turns the cache off.
 
 Storage is float16 with a power-of-two scale per neuron per batch: values are divided by 2^e so the
 largest |value| of each neuron lands in [2^14, 2^15), below fp16's 65504. That keeps fp16's 11-bit
