@@ -193,3 +193,23 @@ def test_benchmark_registry_reads_local_files_in_the_hub_format(tmp_path):
         benchmarks.materialise({"name": "standard", "orders": [4]}, tmp_path, tmp_path / "data")
     with pytest.raises(UsageError, match="not found"):
         benchmarks.materialise({"name": "long", "orders": [4], "local": "raw"}, tmp_path, tmp_path / "d2")
+
+
+def test_cli_lists_jobs_and_reports_a_bad_file_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tasks = [{"name": n, "train": _data(tmp_path, n), "eval": _data(tmp_path, n)} for n in "ab"]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"tasks": tasks, "seeds": [1, 2], "arms": [{"name": "seq"}, {"name": "rep", "replay": 0.5}]}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "fnscale", "cl", str(path), "--list"], capture_output=True, text=True, env=env, check=False)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[:2] == ["0\tseq-seed1-order1\tsequence: a -> b", "1\tseq-seed2-order1\tsequence: a -> b"]
+    assert p.stdout.splitlines()[-1] == "7\tsingle-seq-b-seed2\tsingle: b"  # replay shares the sequential arm's references
+    path.write_text(yaml.safe_dump({"tasks": tasks, "arms": [{"name": "x", "protect": {"component": 3}}]}))
+    p = subprocess.run([sys.executable, "-m", "fnscale", "cl", str(path), "--output", str(tmp_path / "o")], capture_output=True, text=True,
+                       env=env, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: arms[0] (x).protect: unknown key(s) component")
