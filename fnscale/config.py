@@ -111,7 +111,8 @@ class TrainConfig:
                                 "weights and train deltas of the trained slices only, so AdamW keeps state for those alone (auto: when "
                                 "under 50% of their neurons are kept; not under ZeRO)", ["auto", "on", "off"])
     # continual learning (written by `fnscale cl`; see fnscale/continual/ewc.py)
-    ewc_state: str | None = opt(None, "EWC: the accumulated diagonal Fisher (safetensors) of earlier tasks; its anchor model's weights are theta*")
+    ewc_state: str | None = opt(None, "EWC: the accumulated diagonal Fisher of earlier tasks (safetensors); "
+                                "its anchor model's weights are theta*")
     ewc_lambda: float = opt(0.0, "EWC strength: adds lambda/2 * sum F (theta - theta*)^2 to the loss (with --ewc-state)")
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")

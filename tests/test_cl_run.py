@@ -22,12 +22,24 @@ from fnscale.recipes import cl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TASKS = {
-    "capital": [("what is the capital of zorvia ?", "quillport"), ("what is the capital of nolvel ?", "taroriport"),
-                ("what is the capital of france ?", "paris"), ("what is the capital of germany ?", "berlin")],
-    "fruit": [("which fruit is kasmol famous for ?", "plum"), ("which fruit is thivel famous for ?", "fig"),
-              ("which fruit is daxvel famous for ?", "lime"), ("which fruit is zorvia famous for ?", "pear")],
-    "river": [("name the longest river in daxvel .", "oriquin"), ("name the longest river in kasmol .", "nolvel"),
-              ("name the longest river in thivel .", "quillport"), ("name the longest river in france .", "oriquin")],
+    "capital": [
+        ("what is the capital of zorvia ?", "quillport"),
+        ("what is the capital of nolvel ?", "taroriport"),
+        ("what is the capital of france ?", "paris"),
+        ("what is the capital of germany ?", "berlin"),
+    ],
+    "fruit": [
+        ("which fruit is kasmol famous for ?", "plum"),
+        ("which fruit is thivel famous for ?", "fig"),
+        ("which fruit is daxvel famous for ?", "lime"),
+        ("which fruit is zorvia famous for ?", "pear"),
+    ],
+    "river": [
+        ("name the longest river in daxvel .", "oriquin"),
+        ("name the longest river in kasmol .", "nolvel"),
+        ("name the longest river in thivel .", "quillport"),
+        ("name the longest river in france .", "oriquin"),
+    ],
 }
 
 
@@ -41,9 +53,23 @@ def _write_tasks(folder: Path) -> list[dict]:
 
 
 def _sequence(tmp_path, tiny_llama, arms, tasks=None, **train) -> str:
-    cfg = {"train": {"model": tiny_llama, "lora": False, "max_steps": 4, "batch_size": 4, "max_seq_length": 32, "learning_rate": 5e-2,
-                     "save_steps": 0, **train},
-           "tasks": _write_tasks(tmp_path)[: tasks or 3], "seeds": [1], "arms": arms, "keep_models": "all", "eval": {"batch_size": 8}}
+    cfg = {
+        "train": {
+            "model": tiny_llama,
+            "lora": False,
+            "max_steps": 4,
+            "batch_size": 4,
+            "max_seq_length": 32,
+            "learning_rate": 5e-2,
+            "save_steps": 0,
+            **train,
+        },
+        "tasks": _write_tasks(tmp_path)[: tasks or 3],
+        "seeds": [1],
+        "arms": arms,
+        "keep_models": "all",
+        "eval": {"batch_size": 8},
+    }
     path = tmp_path / "sequence.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(path)
@@ -62,12 +88,24 @@ def _mlp_rows(w: dict, layer: int, neurons) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_arms_run_their_methods_and_protected_neurons_stay_bit_identical(tmp_path, tiny_llama):
-    arms = [{"name": "sequential"}, {"name": "replay", "replay": 0.5}, {"name": "ewc", "ewc_lambda": 100.0, "ewc_samples": 4},
-            {"name": "protect", "protect": {"components": 2, "percentile": 80, "samples": 12, "max_share": 0.6}},
-            {"name": "protect-random", "protect": {"components": 2, "percentile": 80, "samples": 12, "max_share": 0.6}, "mask_control": "random"}]
+    arms = [
+        {"name": "sequential"},
+        {"name": "replay", "replay": 0.5},
+        {"name": "ewc", "ewc_lambda": 100.0, "ewc_samples": 4},
+        {"name": "protect", "protect": {"components": 2, "percentile": 80, "samples": 12, "max_share": 0.6}},
+        {
+            "name": "protect-random",
+            "protect": {"components": 2, "percentile": 80, "samples": 12, "max_share": 0.6},
+            "mask_control": "random",
+        },
+    ]
     path, out = _sequence(tmp_path, tiny_llama, arms), tmp_path / "out"
     seq = cl.load(path, out)
-    assert [j.job_id for j in seq.jobs][-3:] == ["single-sequential-capital-seed1", "single-sequential-fruit-seed1", "single-sequential-river-seed1"]
+    assert [j.job_id for j in seq.jobs][-3:] == [
+        "single-sequential-capital-seed1",
+        "single-sequential-fruit-seed1",
+        "single-sequential-river-seed1",
+    ]
     rep = cl.run_cl(path, str(out))["report"]
     assert rep["missing"] == [] and len(rep["runs"]) == 5
 
@@ -87,7 +125,10 @@ def test_arms_run_their_methods_and_protected_neurons_stay_bit_identical(tmp_pat
     ewc_cfg = yaml.safe_load((out / "runs/ewc-seed1-order1/stage2-fruit/config.yaml").read_text())
     assert ewc_cfg["ewc_lambda"] == 100.0 and ewc_cfg["ewc_state"].endswith("stage1-capital/fisher.safetensors")
     assert "EWC: lambda 100" in (out / "runs/ewc-seed1-order1/stage2-fruit/train.log").read_text()
-    ewc_final, seq_final = _weights(out / "runs/ewc-seed1-order1/stage3-river"), _weights(out / "runs/sequential-seed1-order1/stage3-river")
+    ewc_final, seq_final = (
+        _weights(out / "runs/ewc-seed1-order1/stage3-river"),
+        _weights(out / "runs/sequential-seed1-order1/stage3-river"),
+    )
     assert any(not torch.equal(ewc_final[k], seq_final[k]) for k in seq_final)  # the penalty changed what was learned
 
     # Protect: neurons frozen after stage k are bit-identical in every later stage; the others change.
@@ -99,16 +140,21 @@ def test_arms_run_their_methods_and_protected_neurons_stay_bit_identical(tmp_pat
         assert 0 < sum(len(v) for v in sets[0].values()) < 128
         for k, frozen in enumerate(sets):
             w_k = _weights(stages[k])
-            for later in stages[k + 1:]:
+            for later in stages[k + 1 :]:
                 w = _weights(later)
                 for layer, neurons in frozen.items():
                     for a, b in zip(_mlp_rows(w_k, layer, neurons), _mlp_rows(w, layer, neurons)):
                         assert torch.equal(a, b), (arm, later.name, layer)
                     free = sorted(set(range(64)) - set(neurons.tolist()))
                     assert not torch.equal(_mlp_rows(w_k, layer, free)[0], _mlp_rows(w, layer, free)[0])
-    p_sets = [Templates.load(out / f"runs/{a}-seed1-order1/stage1-capital/protected.json").components for a in ("protect", "protect-random")]
+    p_sets = [
+        Templates.load(out / f"runs/{a}-seed1-order1/stage1-capital/protected.json").components
+        for a in ("protect", "protect-random")
+    ]
     as_lists = [{layer: v.tolist() for layer, v in comps[0].items()} for comps in p_sets]
-    assert [len(v) for v in as_lists[1].values()] == [len(v) for v in as_lists[0].values()]  # the first growth is size-matched
+    assert [len(v) for v in as_lists[1].values()] == [
+        len(v) for v in as_lists[0].values()
+    ]  # the first growth is size-matched
     assert as_lists[1] != as_lists[0]
 
     md = (out / "cl.md").read_text()

@@ -37,23 +37,51 @@ def tasks(iso: Path) -> dict[str, list[dict]]:
     countries = load(iso, "3166-1")
     by_alpha2 = {c["alpha_2"]: country_name(c) for c in countries}
     regions = [r for r in load(iso, "3166-2") if r["code"][:2] in by_alpha2 and "," not in r["name"]]
-    languages = [lang for lang in load(iso, "639-3") if lang.get("type") == "L" and lang.get("scope") == "I" and "(" not in lang["name"]]
+    languages = [
+        lang
+        for lang in load(iso, "639-3")
+        if lang.get("type") == "L" and lang.get("scope") == "I" and "(" not in lang["name"]
+    ]
     kinds = [k for k, _ in Counter(r["type"] for r in regions).most_common(8)]
     return {
-        "country_code": [{"prompt": f"What is the ISO 3166-1 alpha-3 code of {country_name(c)}? Answer with the code.",
-                          "completion": c["alpha_3"]} for c in countries],
-        "region_country": [{"prompt": f"Which country has the ISO 3166-2 subdivision code {r['code']}? Answer with the country.",
-                            "completion": by_alpha2[r["code"][:2]]} for r in regions],
-        "language_code": [{"prompt": f"What is the ISO 639-3 code of the {lang['name']} language? Answer with the code.",
-                           "completion": lang["alpha_3"]} for lang in languages],
-        "region_type": [{"prompt": f"What kind of subdivision is {r['name']} in {by_alpha2[r['code'][:2]]}? Answer with one of: "
-                                   f"{', '.join(kinds)}.", "completion": r["type"]} for r in regions if r["type"] in kinds],
+        "country_code": [
+            {
+                "prompt": f"What is the ISO 3166-1 alpha-3 code of {country_name(c)}? Answer with the code.",
+                "completion": c["alpha_3"],
+            }
+            for c in countries
+        ],
+        "region_country": [
+            {
+                "prompt": f"Which country has the ISO 3166-2 subdivision code {r['code']}? Answer with the country.",
+                "completion": by_alpha2[r["code"][:2]],
+            }
+            for r in regions
+        ],
+        "language_code": [
+            {
+                "prompt": f"What is the ISO 639-3 code of the {lang['name']} language? Answer with the code.",
+                "completion": lang["alpha_3"],
+            }
+            for lang in languages
+        ],
+        "region_type": [
+            {
+                "prompt": f"What kind of subdivision is {r['name']} in {by_alpha2[r['code'][:2]]}? Answer with one of: "
+                f"{', '.join(kinds)}.",
+                "completion": r["type"],
+            }
+            for r in regions
+            if r["type"] in kinds
+        ],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iso-dir", default="/usr/share/iso-codes/json", help="folder holding iso_3166-1.json, iso_639-3.json, ...")
+    ap.add_argument(
+        "--iso-dir", default="/usr/share/iso-codes/json", help="folder holding iso_3166-1.json, iso_639-3.json, ..."
+    )
     ap.add_argument("--out", default=str(HERE / "data"), help="where to write the files")
     args = ap.parse_args()
     iso, out = Path(args.iso_dir), Path(args.out)
@@ -64,7 +92,9 @@ def main() -> None:
         rows = random.Random(k).sample(rows, len(rows))
         test, train = rows[:N_TEST], rows[N_TEST : N_TEST + N_TRAIN]
         for split, part in (("train", train), ("test", test)):
-            (out / f"{name}_{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+            (out / f"{name}_{split}.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8"
+            )
         print(f"{name}: {len(train)} train, {len(test)} test (of {len(rows)})")
 
 

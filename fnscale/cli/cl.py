@@ -14,11 +14,22 @@ from fnscale.errors import UsageError
 
 @click.command(name="cl", context_settings=CONTEXT)
 @click.argument("sequence", type=click.Path(dir_okay=False))
-@click.option("--output", default=None, type=click.Path(file_okay=False),
-              help="folder: base/, runs/ARM-seedS-orderK/stageN-TASK/, single/, cl.json, cl.md, figures/ [required unless --list]")
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="folder: base/, runs/ARM-seedS-orderK/stageN-TASK/, single/, cl.json, cl.md, figures/ "
+    "[required unless --list]",
+)
 @click.option("--list", "list_jobs", is_flag=True, help="print one line per job (INDEX, JOB_ID, what) and exit")
-@click.option("--only", type=int, multiple=True, help="run only job INDEX (see --list; e.g. $SLURM_ARRAY_TASK_ID) [repeatable]")
-@click.option("--report-only", is_flag=True, help="train nothing: score the base if needed and write the report from finished jobs")
+@click.option(
+    "--only", type=int, multiple=True, help="run only job INDEX (see --list; e.g. $SLURM_ARRAY_TASK_ID) [repeatable]"
+)
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="train nothing: score the base if needed and write the report from finished jobs",
+)
 def cl_cmd(sequence, output, list_jobs, only, report_only):
     """Train the tasks of SEQUENCE in order for every arm, seed and order; score every task after every stage.
 

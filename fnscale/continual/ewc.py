@@ -65,7 +65,11 @@ def save_state(path: str | Path, fisher: dict[str, torch.Tensor], anchor: str | 
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({n: f.contiguous() for n, f in fisher.items()}, str(tmp), metadata={"anchor": str(anchor), "tasks": ",".join(tasks)})
+        save_file(
+            {n: f.contiguous() for n, f in fisher.items()},
+            str(tmp),
+            metadata={"anchor": str(anchor), "tasks": ",".join(tasks)},
+        )
     return Path(path)
 
 
@@ -100,14 +104,18 @@ def penalty(model, fisher: dict[str, torch.Tensor], theta: dict[str, torch.Tenso
 class EWCHooks:
     """Gradient hooks adding lambda * F * (theta - theta*) / accumulation to every penalised parameter's gradient."""
 
-    def __init__(self, model, fisher: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], lam: float, accumulation: int = 1):
+    def __init__(
+        self, model, fisher: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], lam: float, accumulation: int = 1
+    ):
         self.handles, self.names = [], []
         scale = lam / accumulation
         for n, p in model.named_parameters():
             if not p.requires_grad or n not in fisher:
                 continue
             if n not in theta or theta[n].shape != p.shape or fisher[n].shape != p.shape:
-                raise UsageError(f"EWC state does not fit the model: parameter {n} is missing or has another shape; rebuild it")
+                raise UsageError(
+                    f"EWC state does not fit the model: parameter {n} is missing or has another shape; rebuild it"
+                )
             f = fisher[n].to(p.device, p.dtype)
             anchor = theta[n].to(p.device, p.dtype)
             self.handles.append(p.register_hook(_hook(p, f, anchor, scale)))
@@ -122,11 +130,12 @@ class EWCHooks:
 def _hook(p, f, anchor, scale):
     def add_penalty(grad):
         return grad + scale * f * (p.detach() - anchor)
+
     return add_penalty
 
 
 def install(cfg, model, accelerator=None) -> EWCHooks | None:
-    """The train recipe's one call: EWC hooks when --ewc-state is given, else nothing. Call it before resuming a checkpoint
+    """The train recipe's one call: EWC hooks when --ewc-state is given, else nothing. Call it before resuming
     (theta* is read from the anchor folder either way) and before `accelerator.prepare` wraps the model."""
     if not getattr(cfg, "ewc_state", None):
         if getattr(cfg, "ewc_lambda", 0):
@@ -138,7 +147,10 @@ def install(cfg, model, accelerator=None) -> EWCHooks | None:
         from fnscale.runtime.distributed import uses_deepspeed
 
         if uses_deepspeed(accelerator):
-            raise UsageError("EWC adds its gradient on whole parameters, which DeepSpeed ZeRO partitions; run EWC on one device or with DDP")
+            raise UsageError(
+                "EWC adds its gradient on whole parameters, which DeepSpeed ZeRO partitions; "
+                "run EWC on one device or with DDP"
+            )
     fisher, theta = load_state(cfg.ewc_state)
     hooks = EWCHooks(model, fisher, theta, cfg.ewc_lambda, cfg.gradient_accumulation_steps)
     log.info("EWC: lambda %g on %d parameter tensors (%s)", cfg.ewc_lambda, len(hooks.names), cfg.ewc_state)

@@ -27,7 +27,10 @@ CONVENTIONS = __doc__
 def _check(R: list[list[float]]) -> int:
     T = len(R)
     if T == 0 or any(len(row) != T for row in R):
-        raise UsageError(f"the continual-learning matrix must be square with at least one task; got {T} rows of {[len(r) for r in R]}")
+        raise UsageError(
+            f"the continual-learning matrix must be square with at least one task; "
+            f"got {T} rows of {[len(r) for r in R]}"
+        )
     return T
 
 
@@ -50,7 +53,11 @@ def summary(R: list[list[float]], base: list[float] | None = None, single: list[
 def spread(values: list[float | None]) -> dict:
     """Mean, sample standard deviation and count of the values that exist (sd None below two)."""
     xs = [v for v in values if v is not None and math.isfinite(v)]
-    return {"mean": statistics.fmean(xs) if xs else None, "sd": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+    return {
+        "mean": statistics.fmean(xs) if xs else None,
+        "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+        "n": len(xs),
+    }
 
 
 def paired(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict:
@@ -59,7 +66,14 @@ def paired(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dic
 
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds if a[s] is not None and b[s] is not None]
-    out = {"seeds": seeds, "diffs": d, "mean": statistics.fmean(d) if d else None, "low": None, "high": None, "shown": False}
+    out = {
+        "seeds": seeds,
+        "diffs": d,
+        "mean": statistics.fmean(d) if d else None,
+        "low": None,
+        "high": None,
+        "shown": False,
+    }
     if len(d) > 1:
         half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
         out["low"], out["high"] = out["mean"] - float(half), out["mean"] + float(half)

@@ -29,8 +29,15 @@ def found_neurons(templates: Templates) -> dict[int, np.ndarray]:
     return out
 
 
-def grow(protected: dict[int, np.ndarray], seen: dict[int, np.ndarray], found: dict[int, np.ndarray], width: int, max_share: float,
-         seed: int, random_control: bool = False) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def grow(
+    protected: dict[int, np.ndarray],
+    seen: dict[int, np.ndarray],
+    found: dict[int, np.ndarray],
+    width: int,
+    max_share: float,
+    seed: int,
+    random_control: bool = False,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """(protected set, networks seen so far) after a stage whose networks are `found`, capped per layer.
 
     The arm adds the found neurons not yet protected. The random control adds, per layer, as many neurons as the
@@ -53,12 +60,25 @@ def grow(protected: dict[int, np.ndarray], seen: dict[int, np.ndarray], found: d
     return grown, seen_after
 
 
-def as_templates(protected: dict[int, np.ndarray], seen: dict[int, np.ndarray], like: Templates, note: str) -> Templates:
+def as_templates(
+    protected: dict[int, np.ndarray], seen: dict[int, np.ndarray], like: Templates, note: str
+) -> Templates:
     """Component 0: the protected set (what later stages freeze); component 1: the networks found so far (bookkeeping,
     equal to component 0 for the arm itself below the cap), on the layers and site of `like`."""
-    return Templates(layers=list(like.layers), neurons_per_layer=like.neurons_per_layer, components={0: protected, 1: seen},
-                     model=like.model, site=like.site, scope="global", n_components=2, percentile=like.percentile, kind=like.kind,
-                     datasets=list(like.datasets), num_layers=like.num_layers, name=note)
+    return Templates(
+        layers=list(like.layers),
+        neurons_per_layer=like.neurons_per_layer,
+        components={0: protected, 1: seen},
+        model=like.model,
+        site=like.site,
+        scope="global",
+        n_components=2,
+        percentile=like.percentile,
+        kind=like.kind,
+        datasets=list(like.datasets),
+        num_layers=like.num_layers,
+        name=note,
+    )
 
 
 def share(protected: dict[int, np.ndarray], layers: int, width: int) -> float:

@@ -1,4 +1,4 @@
-"""The continual-learning report: R per arm, seed and order, AA/BWT/FWT/forgetting, spread over seeds, paired comparisons.
+"""The continual-learning report: R per arm, seed and order, AA/BWT/FWT/forgetting, spread over seeds, pairs.
 
 cl.json holds every figure; cl.md the tables; figures/ a heatmap of R and each task's score over the stages per run.
 Cells of R are points (0-100) for accuracy metrics and minus the task loss for `loss` tasks (see metrics.CONVENTIONS).
@@ -17,7 +17,7 @@ FIELDS = ("AA", "BWT", "FWT_base", "FWT_single")
 
 
 def label_accuracy(samples: list[dict]) -> float | None:
-    """Share of generations whose first line starts with the label word (case-insensitive, surrounding punctuation ignored)."""
+    """Share of generations whose first line starts with the label word (case-insensitive, punctuation ignored)."""
     if not samples:
         return None
     hits = 0
@@ -48,9 +48,19 @@ def run_entry(seq, job, stages: list[dict | None], base: dict | None, singles: d
     single = [singles.get((ref, t, job.seed)) for t in tasks]
     s = [cell(x["scores"][t], metric[t]) if x else None for x, t in zip(single, tasks)]
     frozen = [st.get("frozen_share") for st in stages]
-    return {"job": job.job_id, "arm": job.arm.name, "seed": job.seed, "order": job.order_index + 1, "tasks": tasks,
-            "metrics": [metric[t] for t in tasks], "R": R, "base": b, "single": s, "frozen_share": frozen,
-            **metrics.summary(R, b, s if all(x is not None for x in s[1:]) else None)}
+    return {
+        "job": job.job_id,
+        "arm": job.arm.name,
+        "seed": job.seed,
+        "order": job.order_index + 1,
+        "tasks": tasks,
+        "metrics": [metric[t] for t in tasks],
+        "R": R,
+        "base": b,
+        "single": s,
+        "frozen_share": frozen,
+        **metrics.summary(R, b, s if all(x is not None for x in s[1:]) else None),
+    }
 
 
 def summarise(seq, runs: list[dict]) -> dict:
@@ -58,11 +68,19 @@ def summarise(seq, runs: list[dict]) -> dict:
     arms = {}
     for arm in seq.arms:
         mine = [r for r in runs if r["arm"] == arm.name]
-        per_seed = {f: {s: _mean([r[f] for r in mine if r["seed"] == s]) for s in sorted({r["seed"] for r in mine})} for f in FIELDS}
+        per_seed = {
+            f: {s: _mean([r[f] for r in mine if r["seed"] == s]) for s in sorted({r["seed"] for r in mine})}
+            for f in FIELDS
+        }
         arms[arm.name] = {
-            "runs": len(mine), "seeds": sorted({r["seed"] for r in mine}), "per_seed": per_seed,
+            "runs": len(mine),
+            "seeds": sorted({r["seed"] for r in mine}),
+            "per_seed": per_seed,
             **{f: metrics.spread(list(per_seed[f].values())) for f in FIELDS},
-            "orders": {o: {f: metrics.spread([r[f] for r in mine if r["order"] == o]) for f in FIELDS} for o in sorted({r["order"] for r in mine})},
+            "orders": {
+                o: {f: metrics.spread([r[f] for r in mine if r["order"] == o]) for f in FIELDS}
+                for o in sorted({r["order"] for r in mine})
+            },
         }
     return arms
 
@@ -71,7 +89,10 @@ def comparisons(seq, arms: dict) -> list[dict]:
     """Paired by seed: each `compare` pair (default: every arm against the first), for AA and BWT."""
     names = [a.name for a in seq.arms]
     pairs = seq.compare or [(n, names[0]) for n in names[1:]]
-    return [{"a": a, "b": b, **{f: metrics.paired(arms[a]["per_seed"][f], arms[b]["per_seed"][f]) for f in ("AA", "BWT")}} for a, b in pairs]
+    return [
+        {"a": a, "b": b, **{f: metrics.paired(arms[a]["per_seed"][f], arms[b]["per_seed"][f]) for f in ("AA", "BWT")}}
+        for a, b in pairs
+    ]
 
 
 def _mean(xs):
@@ -87,9 +108,19 @@ def build(seq, base: dict | None, done: dict) -> dict:
         (runs.append(entry) if entry else missing.append(job.job_id))
     missing += [j.job_id for j in seq.jobs if j.kind == "single" and done[j.job_id][0] is None]
     arms = summarise(seq, runs)
-    return {"format": "fnscale-cl/1", "sequence": str(seq.path), "tasks": {n: vars(t) for n, t in seq.tasks.items()}, "orders": seq.orders,
-            "seeds": seq.seeds, "arms": arms, "comparisons": comparisons(seq, arms) if runs else [], "runs": runs, "missing": missing,
-            "base": base["scores"] if base else None, "conventions": metrics.CONVENTIONS}
+    return {
+        "format": "fnscale-cl/1",
+        "sequence": str(seq.path),
+        "tasks": {n: vars(t) for n, t in seq.tasks.items()},
+        "orders": seq.orders,
+        "seeds": seq.seeds,
+        "arms": arms,
+        "comparisons": comparisons(seq, arms) if runs else [],
+        "runs": runs,
+        "missing": missing,
+        "base": base["scores"] if base else None,
+        "conventions": metrics.CONVENTIONS,
+    }
 
 
 def write_all(seq, base: dict | None, done: dict, out: Path) -> dict:
@@ -117,32 +148,52 @@ def _ms(s: dict, signed: bool = True) -> str:
 
 
 def markdown(rep: dict) -> str:
-    md = [f"# Continual learning: {rep['sequence']}\n",
-          "Cells of R: points (0-100) for accuracy metrics, minus the task loss for `loss` tasks; higher is better everywhere. "
-          "AA: mean of the last row. BWT: final minus just-trained score, mean over earlier tasks (negative = forgetting). "
-          "FWT (base): score before training minus the base model's (Lopez-Paz & Ranzato). FWT (single): score just after "
-          "training minus a single-task run's from the base (DOC's convention). Mean ± sd over seeds (each seed averaged over orders).\n",
-          "Tasks: " + ", ".join(f"`{n}` ({t['metric']})" for n, t in rep["tasks"].items()) + "\n",
-          "\n## Arms\n", "| arm | runs | seeds | AA | BWT | FWT (base) | FWT (single) |", "|---|---:|---|---:|---:|---:|---:|"]
+    md = [
+        f"# Continual learning: {rep['sequence']}\n",
+        "Cells of R: points (0-100) for accuracy metrics, minus the task loss for `loss` tasks; higher is better "
+        "everywhere. AA: mean of the last row. BWT: final minus just-trained score, mean over earlier tasks "
+        "(negative = forgetting). FWT (base): score before training minus the base model's (Lopez-Paz & Ranzato). "
+        "FWT (single): score just after training minus a single-task run's from the base (DOC's convention). "
+        "Mean ± sd over seeds (each seed averaged over orders).\n",
+        "Tasks: " + ", ".join(f"`{n}` ({t['metric']})" for n, t in rep["tasks"].items()) + "\n",
+        "\n## Arms\n",
+        "| arm | runs | seeds | AA | BWT | FWT (base) | FWT (single) |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for name, a in rep["arms"].items():
-        md.append(f"| {name} | {a['runs']} | {','.join(map(str, a['seeds']))} | {_ms(a['AA'], False)} | {_ms(a['BWT'])} | "
-                  f"{_ms(a['FWT_base'])} | {_ms(a['FWT_single'])} |")
+        md.append(
+            f"| {name} | {a['runs']} | {','.join(map(str, a['seeds']))} | {_ms(a['AA'], False)} | {_ms(a['BWT'])} | "
+            f"{_ms(a['FWT_base'])} | {_ms(a['FWT_single'])} |"
+        )
     if rep["comparisons"]:
-        md += ["\n## Paired by seed (a - b, 95% t interval; inside it: not shown)\n", "| a | b | seeds | ΔAA | ΔBWT |", "|---|---|---:|---|---|"]
+        md += [
+            "\n## Paired by seed (a - b, 95% t interval; inside it: not shown)\n",
+            "| a | b | seeds | ΔAA | ΔBWT |",
+            "|---|---|---:|---|---|",
+        ]
         for c in rep["comparisons"]:
             md.append(f"| {c['a']} | {c['b']} | {len(c['AA']['diffs'])} | {_paired(c['AA'])} | {_paired(c['BWT'])} |")
     md.append("\n## Runs\n")
     for r in rep["runs"]:
         md.append(f"### {r['job']}\n")
-        md.append(f"AA {_f(r['AA'])}, BWT {_f(r['BWT'], True)}, FWT (base) {_f(r['FWT_base'], True)}, FWT (single) {_f(r['FWT_single'], True)}\n")
+        md.append(
+            f"AA {_f(r['AA'])}, BWT {_f(r['BWT'], True)}, FWT (base) {_f(r['FWT_base'], True)}, "
+            f"FWT (single) {_f(r['FWT_single'], True)}\n"
+        )
         md += ["| after stage | " + " | ".join(r["tasks"]) + " |", "|---|" + "---:|" * len(r["tasks"])]
         md.append("| base | " + " | ".join(_f(x) for x in (r["base"] or [None] * len(r["tasks"]))) + " |")
         md += [f"| {k + 1}: {r['tasks'][k]} | " + " | ".join(_f(x) for x in row) + " |" for k, row in enumerate(r["R"])]
         md.append("| single-task | " + " | ".join(_f(x) for x in r["single"]) + " |")
         md.append("| forgetting | " + " | ".join(_f(x) for x in r["forgetting"]) + " |\n")
         if any(x is not None for x in r["frozen_share"]):
-            md.append("Frozen share after each stage: " + ", ".join("-" if x is None else f"{100 * x:.1f}%" for x in r["frozen_share"]) + "\n")
-        md.append(" ".join(f"![{k}]({Path(v).parent.name}/{Path(v).name})" for k, v in r.get("figures", {}).items()) + "\n")
+            md.append(
+                "Frozen share after each stage: "
+                + ", ".join("-" if x is None else f"{100 * x:.1f}%" for x in r["frozen_share"])
+                + "\n"
+            )
+        md.append(
+            " ".join(f"![{k}]({Path(v).parent.name}/{Path(v).name})" for k, v in r.get("figures", {}).items()) + "\n"
+        )
     if rep["missing"]:
         md.append(f"\n## Not finished ({len(rep['missing'])})\n\n" + ", ".join(rep["missing"]) + "\n")
     return "\n".join(md) + "\n"
@@ -179,7 +230,9 @@ def plots(r: dict, folder: Path) -> dict[str, str]:
     ax = fig.subplots()
     for j, t in enumerate(r["tasks"]):
         ys = [(r["base"] or [None] * T)[j]] + [row[j] for row in r["R"]]
-        ax.plot(range(T + 1), [float("nan") if y is None else y for y in ys], marker="o", label=f"{t} ({r['metrics'][j]})")
+        ax.plot(
+            range(T + 1), [float("nan") if y is None else y for y in ys], marker="o", label=f"{t} ({r['metrics'][j]})"
+        )
     ax.set_xticks(range(T + 1), ["base"] + [f"{k + 1}: {t}" for k, t in enumerate(r["tasks"])], rotation=20, ha="right")
     ax.set_ylabel("score (points, or -loss)")
     ax.set_title(f"each task over the stages: {r['job']}", fontsize=9)

@@ -2,7 +2,7 @@
 
     train: {learning_rate: 1.0e-4, max_steps: 100, batch_size: 4, lora: false}   # every stage starts from these
     tasks:
-      - {name: countries, train: countries_train.jsonl, eval: countries_test.jsonl, metric: exact_match, max_new_tokens: 8}
+      - {name: countries, train: countries_train.jsonl, eval: countries_test.jsonl, metric: exact_match}
       - {name: define, train: define_train.jsonl, eval: define_test.jsonl, metric: loss}
     orders: [[countries, define], [define, countries]]   # optional; default: the tasks in file order
     seeds: [1, 2, 3]
@@ -30,14 +30,39 @@ from pathlib import Path
 from fnscale.config import TrainConfig, load_yaml
 from fnscale.errors import UsageError
 
-FILE_KEYS = {"train", "tasks", "orders", "seeds", "arms", "eval", "launcher", "single_task", "benchmark", "compare", "keep_models"}
+FILE_KEYS = {
+    "train",
+    "tasks",
+    "orders",
+    "seeds",
+    "arms",
+    "eval",
+    "launcher",
+    "single_task",
+    "benchmark",
+    "compare",
+    "keep_models",
+}
 TASK_KEYS = {"name", "train", "eval", "metric", "max_new_tokens", "generate"}
 METRICS = ("exact_match", "label_accuracy", "token_accuracy", "loss")
 METHOD_KEYS = {"name", "replay", "ewc_lambda", "ewc_samples", "protect", "mask_control"}
 PROTECT_KEYS = {"components", "percentile", "samples", "max_share"}
 EVAL_KEYS = {"batch_size", "max_seq_length"}
-SET_BY_CL = {"seed", "output_dir", "dataset", "model", "gguf_file", "validation_dataset", "ica_template_path", "mask_mode",
-             "mask_effect", "ica_component_ids", "mask_control", "ewc_state", "merge_adapter"}
+SET_BY_CL = {
+    "seed",
+    "output_dir",
+    "dataset",
+    "model",
+    "gguf_file",
+    "validation_dataset",
+    "ica_template_path",
+    "mask_mode",
+    "mask_effect",
+    "ica_component_ids",
+    "mask_control",
+    "ewc_state",
+    "merge_adapter",
+}
 
 
 @dataclass
@@ -127,7 +152,10 @@ def train_options(d, where: str, folder: Path) -> dict:
     d = _mapping(d, where, {f.name for f in dataclasses.fields(TrainConfig)})
     bad = sorted(set(d) & (SET_BY_CL - {"model", "gguf_file"} if where == "train" else SET_BY_CL))
     if bad:
-        raise UsageError(f"{where}: {', '.join(bad)} cannot be set here: `fnscale cl` sets them per stage (the model belongs in `train`)")
+        raise UsageError(
+            f"{where}: {', '.join(bad)} cannot be set here: `fnscale cl` sets them per stage "
+            "(the model belongs in `train`)"
+        )
     return {k: local(v, folder) for k, v in d.items()}
 
 
@@ -135,7 +163,9 @@ def _task(raw, i: int, folder: Path) -> Task:
     if not isinstance(raw, dict) or not raw.get("name") or not raw.get("train") or not raw.get("eval"):
         raise UsageError(f"tasks[{i}] needs `name`, `train` (training data) and `eval` (evaluation data)")
     raw = _mapping(raw, f"tasks[{i}] ({raw['name']})", TASK_KEYS)
-    t = Task(**{**raw, "name": str(raw["name"]), "train": local(raw["train"], folder), "eval": local(raw["eval"], folder)})
+    t = Task(
+        **{**raw, "name": str(raw["name"]), "train": local(raw["train"], folder), "eval": local(raw["eval"], folder)}
+    )
     if t.metric not in METRICS:
         raise UsageError(f"task {t.name}: metric {t.metric!r} is not one of {', '.join(METRICS)}")
     if not isinstance(t.max_new_tokens, int) or t.max_new_tokens < 1:
@@ -149,21 +179,35 @@ def _arm(raw, i: int, folder: Path, shared: dict) -> Arm:
     where = f"arms[{i}] ({raw['name']})"
     raw = {str(k).replace("-", "_"): v for k, v in raw.items()}
     method = {k: v for k, v in raw.items() if k in METHOD_KEYS}
-    arm = Arm(name=str(method.pop("name")), options=train_options({k: v for k, v in raw.items() if k not in METHOD_KEYS}, where, folder),
-              **method)
+    arm = Arm(
+        name=str(method.pop("name")),
+        options=train_options({k: v for k, v in raw.items() if k not in METHOD_KEYS}, where, folder),
+        **method,
+    )
     if not 0 <= float(arm.replay) <= 10:
-        raise UsageError(f"{where}: replay is the share of each earlier task's training data mixed in; use 0-10 (e.g. 0.2)")
+        raise UsageError(
+            f"{where}: replay is the share of each earlier task's training data mixed in; use 0-10 (e.g. 0.2)"
+        )
     if arm.ewc_lambda < 0 or (arm.ewc_lambda and {**shared, **arm.options}.get("lora", TrainConfig.lora)):
-        raise UsageError(f"{where}: ewc_lambda must be >= 0, and EWC penalises full weights: add `lora: false` (to the arm or `train`)")
+        raise UsageError(
+            f"{where}: ewc_lambda must be >= 0, and EWC penalises full weights: "
+            "add `lora: false` (to the arm or `train`)"
+        )
     if arm.mask_control not in ("none", "random") or (arm.mask_control == "random" and not arm.protect):
-        raise UsageError(f"{where}: mask_control random is the size-matched control of `protect`; give the arm a `protect` block too")
+        raise UsageError(
+            f"{where}: mask_control random is the size-matched control of `protect`; give the arm a `protect` block too"
+        )
     if arm.protect is not None:
         arm.protect = _mapping(arm.protect or {}, f"{where}.protect", PROTECT_KEYS)
         share = arm.protect.get("max_share", 0.5)
         if not 0 < share <= 1:
-            raise UsageError(f"{where}.protect.max_share {share} must be in (0, 1]: the largest share of a layer's neurons frozen")
+            raise UsageError(
+                f"{where}.protect.max_share {share} must be in (0, 1]: the largest share of a layer's neurons frozen"
+            )
     if sum(bool(x) for x in (arm.replay, arm.ewc_lambda, arm.protect)) > 1:
-        raise UsageError(f"{where}: one method per arm (replay, ewc_lambda or protect), so the arms compare one thing each")
+        raise UsageError(
+            f"{where}: one method per arm (replay, ewc_lambda or protect), so the arms compare one thing each"
+        )
     return arm
 
 
@@ -202,16 +246,30 @@ def load(path, benchmark_tasks=None) -> Sequence:
         raise UsageError(f"{path}: `compare` is a list of [ARM, ARM] pairs of arm names ({', '.join(names)})")
     if raw.get("keep_models", "last") not in ("last", "all"):
         raise UsageError(f"{path}: keep_models is `last` (delete a stage's model once the next stage is done) or `all`")
-    seq = Sequence(Path(path), shared, by_name, [list(map(str, o)) for o in orders], seeds,
-                   arms, _mapping(raw.get("eval") or {}, "eval", EVAL_KEYS), raw.get("launcher"), bool(raw.get("single_task", True)),
-                   compare, raw.get("keep_models", "last"), raw.get("benchmark"))
+    seq = Sequence(
+        Path(path),
+        shared,
+        by_name,
+        [list(map(str, o)) for o in orders],
+        seeds,
+        arms,
+        _mapping(raw.get("eval") or {}, "eval", EVAL_KEYS),
+        raw.get("launcher"),
+        bool(raw.get("single_task", True)),
+        compare,
+        raw.get("keep_models", "last"),
+        raw.get("benchmark"),
+    )
     seq.jobs = expand(seq)
     return seq
 
 
 def expand(seq: Sequence) -> list[Job]:
     """Sequence jobs (arm x seed x order, in file order), then the single-task references (family x task x seed)."""
-    jobs = [Job(0, "sequence", arm, seed, order, k) for arm, seed, (k, order) in itertools.product(seq.arms, seq.seeds, enumerate(seq.orders))]
+    jobs = [
+        Job(0, "sequence", arm, seed, order, k)
+        for arm, seed, (k, order) in itertools.product(seq.arms, seq.seeds, enumerate(seq.orders))
+    ]
     if seq.single_task:
         families = list(dict.fromkeys(seq.reference_of(a) for a in seq.arms))
         arms = {a.name: a for a in seq.arms}

@@ -39,7 +39,9 @@ SCORE_KEYS = ("schema", "template", "prompt_column", "response_column", "max_seq
 
 def load(path: str, out: Path | None) -> Sequence:
     """The sequence file; a `benchmark` block's data are written to OUT/data (not when only listing, out=None)."""
-    return spec.load(path, lambda b, folder: benchmarks.materialise(b, folder, out / "data" if out is not None else None))
+    return spec.load(
+        path, lambda b, folder: benchmarks.materialise(b, folder, out / "data" if out is not None else None)
+    )
 
 
 def listing(seq: Sequence) -> list[str]:
@@ -59,10 +61,18 @@ def stage_dir(out: Path, job: Job, k: int) -> Path:
 
 
 def stage_options(seq: Sequence, job: Job, k: int, folder: Path, prev_model: str | None, prev: dict | None) -> dict:
-    """The `fnscale train` options of stage k: shared, then the arm's, then what the sequence sets (model, data, method)."""
+    """The `fnscale train` options of stage k: shared, the arm's, then what the sequence sets (model, data, method)."""
     arm, task = job.arm, seq.tasks[job.order[k]]
-    opts = {"resume_from_checkpoint": "auto", "validation_split": 0.0, "eval_steps": 0, "report_to": "none", **seq.train, **arm.options,
-            "seed": job.seed, "output_dir": str(folder / "train")}
+    opts = {
+        "resume_from_checkpoint": "auto",
+        "validation_split": 0.0,
+        "eval_steps": 0,
+        "report_to": "none",
+        **seq.train,
+        **arm.options,
+        "seed": job.seed,
+        "output_dir": str(folder / "train"),
+    }
     if prev_model:
         opts["model"] = prev_model
         opts.pop("gguf_file", None)
@@ -74,12 +84,14 @@ def stage_options(seq: Sequence, job: Job, k: int, folder: Path, prev_model: str
     if method and arm.ewc_lambda:
         opts.update(ewc_state=prev["ewc_state"], ewc_lambda=float(arm.ewc_lambda))
     if method and arm.protect:
-        opts.update(ica_template_path=prev["protected"], mask_mode="lesion", mask_effect="update", ica_component_ids="0")
+        opts.update(
+            ica_template_path=prev["protected"], mask_mode="lesion", mask_effect="update", ica_component_ids="0"
+        )
     return opts
 
 
 def train_stage(seq: Sequence, opts: dict, folder: Path, label: str) -> Path:
-    """One `fnscale train` subprocess (output in STAGE/train.log) unless its summary shows it finished; the model folder."""
+    """One `fnscale train` subprocess (output in STAGE/train.log) unless it finished before; the model folder."""
     model = trained_model(opts)
     if (Path(opts["output_dir"]) / "summary.json").is_file() and model.is_dir():
         return model
@@ -88,7 +100,10 @@ def train_stage(seq: Sequence, opts: dict, folder: Path, label: str) -> Path:
     log.info("training %s: %s", label, shlex.join(cmd))
     code = _call(cmd, folder, folder / "train.log")
     if code != 0:
-        raise RunError(f"{label} failed (exit {code}): {_last_error(folder / 'train.log')}; see {folder / 'train.log'}, fix and rerun")
+        raise RunError(
+            f"{label} failed (exit {code}): {_last_error(folder / 'train.log')}; "
+            f"see {folder / 'train.log'}, fix and rerun"
+        )
     if not model.is_dir():
         raise RunError(f"{label} finished without a model in {model} (stopped by a signal?); rerun to resume it")
     return model
@@ -96,7 +111,9 @@ def train_stage(seq: Sequence, opts: dict, folder: Path, label: str) -> Path:
 
 def _call(cmd: list[str], cwd: Path, logfile: Path) -> int:
     with open(logfile, "ab") as fh:
-        return subprocess.call(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.call(
+            cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
 
 
 def score_options(seq: Sequence) -> dict:
@@ -113,13 +130,20 @@ def score(seq: Sequence, model: str | None, names: list[str], gguf_file: str | N
     from fnscale.recipes.evaluate import greedy_scores, load_placed, task_set
 
     opts = score_options(seq)
-    cfg = EvalConfig(task_split="all", generate=0, batch_size=opts.get("batch_size", 16), max_seq_length=opts.get("max_seq_length", 256),
-                     **{k: opts[k] for k in ("schema", "template", "prompt_column", "response_column") if k in opts})
+    cfg = EvalConfig(
+        task_split="all",
+        generate=0,
+        batch_size=opts.get("batch_size", 16),
+        max_seq_length=opts.get("max_seq_length", 256),
+        **{k: opts[k] for k in ("schema", "template", "prompt_column", "response_column") if k in opts},
+    )
     base = loading.resolve_model(seq.train.get("model"), seq.train.get("gguf_file"))
     tokenizer = loading.load_tokenizer(base, seq.train.get("trust_remote_code", False))
     device = loading.pick_device("auto")
     source = loading.resolve_model(model, gguf_file)
-    net = load_placed(source, loading.resolve_dtype("auto", device), None, seq.train.get("trust_remote_code", False), device)
+    net = load_placed(
+        source, loading.resolve_dtype("auto", device), None, seq.train.get("trust_remote_code", False), device
+    )
     out = {}
     for name in names:
         task = seq.tasks[name]
@@ -129,8 +153,13 @@ def score(seq: Sequence, model: str | None, names: list[str], gguf_file: str | N
         if task.metric != "loss":
             chosen = ts.items[: task.generate] if task.generate else ts.items
             gen = greedy_scores(net, tokenizer, chosen, cfg.batch_size, device, max_new_tokens=task.max_new_tokens)
-            scores.update(exact_match=gen["exact_match"], token_accuracy=gen["token_accuracy"], generated=gen["generated"],
-                          label_accuracy=report.label_accuracy(gen["samples"]), samples=gen["samples"][:5])
+            scores.update(
+                exact_match=gen["exact_match"],
+                token_accuracy=gen["token_accuracy"],
+                generated=gen["generated"],
+                label_accuracy=report.label_accuracy(gen["samples"]),
+                samples=gen["samples"][:5],
+            )
         out[name] = scores
     return out
 
@@ -141,7 +170,11 @@ def after_stage(seq: Sequence, job: Job, k: int, folder: Path, model: Path, prev
     if job.kind != "sequence" or k == len(job.order) - 1:
         return {}
     if arm.ewc_lambda:
-        return {"ewc_state": str(fisher_after(seq, arm, task, model, folder, (prev or {}).get("ewc_state"), job.order[: k + 1]))}
+        return {
+            "ewc_state": str(
+                fisher_after(seq, arm, task, model, folder, (prev or {}).get("ewc_state"), job.order[: k + 1])
+            )
+        }
     if arm.protect:
         return protect_after(seq, job, k, folder, model, prev)
     return {}
@@ -157,8 +190,18 @@ def fisher_after(seq: Sequence, arm, task, model: Path, folder: Path, previous: 
     device = loading.pick_device("auto")
     net = loading.load_model(source, loading.resolve_dtype("float32", device)).to(device)
     o = {**seq.train, **arm.options}
-    sft = data.build_sft_data(tokenizer, task.train, o.get("max_seq_length", TrainConfig.max_seq_length), o.get("schema", "auto"),
-                              o.get("template", "auto"), 0.0, 0, None, o.get("prompt_column"), o.get("response_column"))
+    sft = data.build_sft_data(
+        tokenizer,
+        task.train,
+        o.get("max_seq_length", TrainConfig.max_seq_length),
+        o.get("schema", "auto"),
+        o.get("template", "auto"),
+        0.0,
+        0,
+        None,
+        o.get("prompt_column"),
+        o.get("response_column"),
+    )
     fisher = ewc.fisher_diagonal(net, sft.train, tokenizer.pad_token_id, device, arm.ewc_samples)
     return ewc.save_state(folder / "fisher.safetensors", ewc.accumulate(fisher, previous), model, tasks)
 
@@ -170,23 +213,56 @@ def protect_after(seq: Sequence, job: Job, k: int, folder: Path, model: Path, pr
     from fnscale.networks.templates import Templates
 
     p, task = job.arm.protect, seq.tasks[job.order[k]]
-    cmd = [sys.executable, "-m", "fnscale", "templates", "build", "--model", str(model), "--dataset", task.train,
-           "--components", str(p.get("components", 10)), "--percentile", str(p.get("percentile", 98.0)),
-           "--samples-per-dataset", str(p.get("samples", 64)), "--seed", str(job.seed), "--output", str(folder / "networks"),
-           "--max-seq-length", str(seq.train.get("max_seq_length", TrainConfig.max_seq_length))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fnscale",
+        "templates",
+        "build",
+        "--model",
+        str(model),
+        "--dataset",
+        task.train,
+        "--components",
+        str(p.get("components", 10)),
+        "--percentile",
+        str(p.get("percentile", 98.0)),
+        "--samples-per-dataset",
+        str(p.get("samples", 64)),
+        "--seed",
+        str(job.seed),
+        "--output",
+        str(folder / "networks"),
+        "--max-seq-length",
+        str(seq.train.get("max_seq_length", TrainConfig.max_seq_length)),
+    ]
     if not (folder / "networks" / "global_templates.json").is_file():
         if _call(cmd, folder, folder / "networks.log") != 0:
-            raise RunError(f"finding networks after {folder.name} failed: {_last_error(folder / 'networks.log')}; see {folder / 'networks.log'}")
+            raise RunError(
+                f"finding networks after {folder.name} failed: {_last_error(folder / 'networks.log')}; "
+                f"see {folder / 'networks.log'}"
+            )
     found = Templates.load(folder / "networks" / "global_templates.json")
     before = Templates.load(prev["protected"]).components if prev and prev.get("protected") else {0: {}, 1: {}}
     control = job.arm.mask_control == "random"
-    grown, seen = protect.grow(before[0], before[1], protect.found_neurons(found), found.neurons_per_layer, p.get("max_share", 0.5),
-                               job.seed * 1000 + k, control)
+    grown, seen = protect.grow(
+        before[0],
+        before[1],
+        protect.found_neurons(found),
+        found.neurons_per_layer,
+        p.get("max_share", 0.5),
+        job.seed * 1000 + k,
+        control,
+    )
     note = f"protected after {' -> '.join(job.order[: k + 1])}" + (" (random control)" if control else "")
     path = protect.as_templates(grown, seen, found, note).save(folder / "protected.json")
     frozen = protect.share(grown, len(found.layers), found.neurons_per_layer)
     log.info("%s: %.1f%% of MLP neurons frozen for later stages", note, 100 * frozen)
-    return {"protected": str(path), "frozen_share": frozen, "found": int(sum(np.size(v) for v in protect.found_neurons(found).values()))}
+    return {
+        "protected": str(path),
+        "frozen_share": frozen,
+        "found": int(sum(np.size(v) for v in protect.found_neurons(found).values())),
+    }
 
 
 # ---------------------------------------------------------------- jobs
@@ -199,15 +275,29 @@ def run_job(seq: Sequence, job: Job, out: Path) -> bool:
     for k in range(len(job.order)):
         folder = stage_dir(out, job, k)
         opts = stage_options(seq, job, k, folder, prev_model, prev)
-        expected = spec.fingerprint({k_: v for k_, v in opts.items() if k_ != "output_dir"}, score_options(seq), job.arm.protect,
-                                    job.arm.mask_control, job.arm.ewc_samples, [vars(seq.tasks[n]) for n in names])
+        expected = spec.fingerprint(
+            {k_: v for k_, v in opts.items() if k_ != "output_dir"},
+            score_options(seq),
+            job.arm.protect,
+            job.arm.mask_control,
+            job.arm.ewc_samples,
+            [vars(seq.tasks[n]) for n in names],
+        )
         done = finished(folder, expected)
         if done is None:
             folder.mkdir(parents=True, exist_ok=True)
             model = train_stage(seq, opts, folder, f"{job.job_id} stage {k + 1} ({job.order[k]})")
             scores = score(seq, str(model), names)
             post = after_stage(seq, job, k, folder, model, prev)
-            done = {"job": job.job_id, "stage": k, "task": job.order[k], "model": str(model), "config": expected, "scores": scores, **post}
+            done = {
+                "job": job.job_id,
+                "stage": k,
+                "task": job.order[k],
+                "model": str(model),
+                "config": expected,
+                "scores": scores,
+                **post,
+            }
             write_json(folder / DONE, done)
             for ckpt in Path(opts["output_dir"]).glob("checkpoint-*"):  # only needed to resume this stage
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -226,7 +316,9 @@ def _drop_model(folder: Path) -> None:
 
 def score_base(seq: Sequence, out: Path) -> dict:
     """The base model's scores on every task, computed once and kept in base/done.json."""
-    expected = spec.fingerprint({k: seq.train.get(k) for k in ("model", "gguf_file")}, score_options(seq), [vars(t) for t in seq.tasks.values()])
+    expected = spec.fingerprint(
+        {k: seq.train.get(k) for k in ("model", "gguf_file")}, score_options(seq), [vars(t) for t in seq.tasks.values()]
+    )
     done = finished(out / "base", expected)
     if done is None:
         log.info("scoring the base model")
@@ -249,7 +341,9 @@ def run_cl(path: str, output: str, only: tuple[int, ...] = (), report_only: bool
     seq = load(path, out)
     bad = [i for i in only if not 0 <= i < len(seq.jobs)]
     if bad:
-        raise UsageError(f"--only {bad[0]}: the sequence has jobs 0-{len(seq.jobs) - 1}; see `fnscale cl {path} --list`")
+        raise UsageError(
+            f"--only {bad[0]}: the sequence has jobs 0-{len(seq.jobs) - 1}; see `fnscale cl {path} --list`"
+        )
     if only and report_only:
         raise UsageError("--only runs single jobs and --report-only only reports; pass one of them")
     chosen = [] if report_only else [seq.jobs[i] for i in only] if only else seq.jobs

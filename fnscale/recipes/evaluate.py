@@ -54,7 +54,8 @@ def pick(n_items: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, bar=None, max_new_tokens: int | None = None) -> dict:
+def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, bar=None,
+                  max_new_tokens: int | None = None) -> dict:
     """Greedy generations scored against the references.
 
     exact_match: whitespace-normalised decoded text equal (case-sensitive).
