@@ -149,6 +149,10 @@ class TrainConfig:
     optimizer_slices: str = opt("auto", "with --mask-effect update and full fine-tuning (one device or DDP): freeze the masked layers' dense MLP "
                                 "weights and train deltas of the trained slices only, so AdamW keeps state for those alone (auto: when "
                                 "under 50% of their neurons are kept; not under ZeRO)", ["auto", "on", "off"])
+    # continual learning (written by `fnscale cl`; see fnscale/continual/ewc.py)
+    ewc_state: str | None = opt(None, "EWC: the accumulated diagonal Fisher of earlier tasks (safetensors); "
+                                "its anchor model's weights are theta*")
+    ewc_lambda: float = opt(0.0, "EWC strength: adds lambda/2 * sum F (theta - theta*)^2 to the loss (with --ewc-state)")
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
     # distribution

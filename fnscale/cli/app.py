@@ -11,6 +11,7 @@ import traceback
 
 import click
 
+from fnscale.cli.cl import cl_cmd
 from fnscale.cli.data import data_group
 from fnscale.cli.eval import eval_cmd
 from fnscale.cli.options import CONTEXT, is_main
@@ -90,7 +91,7 @@ def launch_configs(name):
     click.echo(str(chosen[0]))
 
 
-for command in (train, templates, eval_cmd, data_group, sweep_cmd):
+for command in (train, templates, eval_cmd, data_group, sweep_cmd, cl_cmd):
     cli.add_command(command)
 
 

@@ -54,12 +54,13 @@ def pick(n_items: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, bar=None) -> dict:
+def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, bar=None,
+                  max_new_tokens: int | None = None) -> dict:
     """Greedy generations scored against the references.
 
     exact_match: whitespace-normalised decoded text equal (case-sensitive).
     token_accuracy: share of reference tokens (response + EOS) that the generation matches position-wise.
-    Generation stops at EOS or at len(reference) + GEN_SLACK tokens.
+    Generation stops at EOS or at len(reference) + GEN_SLACK tokens (or at `max_new_tokens`, when given).
     """
     from transformers import GenerationConfig
 
@@ -78,10 +79,11 @@ def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, 
         # Left padding keeps every prompt's last token at the end, where generation continues.
         ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in chunk], device=device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=device)
-        cfg = GenerationConfig(max_new_tokens=max(len(r) for _, r in chunk) + GEN_SLACK, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
+        limit = max_new_tokens or max(len(r) for _, r in chunk) + GEN_SLACK
+        cfg = GenerationConfig(max_new_tokens=limit, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=cfg)[:, width:].tolist()
         for (p, ref), gen in zip(chunk, out):
-            gen = gen[: len(ref) + GEN_SLACK]
+            gen = gen[: max_new_tokens or len(ref) + GEN_SLACK]
             if eos is not None and eos in gen:
                 gen = gen[: gen.index(eos) + 1]
             matched += sum(g == r for g, r in zip(gen, ref))

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from fnscale import data
 from fnscale.config import TrainConfig
+from fnscale.continual import ewc
 from fnscale.data import packing
 from fnscale.errors import Interrupted, RunError, UsageError
 from fnscale.eval.scoring import RetentionProbe, sharded_loss
@@ -185,6 +186,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
         freeze_outside_mlps(model)
     masker = _masker(cfg, model, tokenizer, sft, accelerator, source.display_name, templates)
+    ewc.install(cfg, model, accelerator)  # EWC gradient hooks when --ewc-state is given (fnscale cl), else nothing
 
     # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
     train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
