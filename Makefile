@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-dev demo test test-slow
+.PHONY: install install-dev demo test test-slow test-wheel
 
 install:
 	$(PIP) install -q $(TORCH) setuptools wheel
@@ -25,3 +25,8 @@ test: install-dev
 	ruff check .
 	OMP_NUM_THREADS=1 pytest -q -m "not slow"
 	OMP_NUM_THREADS=1 pytest -q -m slow
+	$(MAKE) test-wheel
+
+# The package as pip installs it: sdist -> wheel -> a fresh venv (not editable), run from outside the checkout.
+test-wheel:
+	PYTHON=$(PYTHON) OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .ci/wheel_check

@@ -8,6 +8,7 @@ CPU time are both printed: on a shared machine the CPU-time ratios (single-threa
 
     python benchmarks/bench_templates.py --samples 50 200          # SmolLM2-135M (embedded), 128-token samples
     python benchmarks/bench_templates.py --tiny --samples 8 16      # CI smoke: a tiny random Llama
+    python benchmarks/bench_templates.py --device cuda --pca-backend cuml   # on a GPU: capture and PCA stay there
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _model(tiny: bool):
     return model, model.config.vocab_size
 
 
-def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, components: int) -> dict:
+def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, components: int, device: str,
+           backend: str) -> dict:
     import numpy as np
     import psutil
     import torch
@@ -45,18 +47,21 @@ def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, component
     from fnscale.recipes.build_networks import _batches, build_templates
 
     model, vocab = _model(tiny)
+    model.to(device)
     rng = np.random.default_rng(0)
     samples = [list(rng.integers(10, vocab, size=seq)) for _ in range(n_samples)]
     rss_model = psutil.Process().memory_info().rss
     t0, c0 = time.perf_counter(), time.process_time()
     if mode == "forward":
         with torch.no_grad():
-            for ids, attn in _batches(samples, 1, 0, "cpu"):
+            for ids, attn in _batches(samples, 1, 0, device):
                 model(input_ids=ids, attention_mask=attn, use_cache=False)
     else:
         budget = "auto" if mode == "default" else 0
         build_templates(model, samples, n_components=components, percentile=98.0, site=site, batch_size=1,
-                        cache_budget_gb=budget, progress=False)
+                        cache_budget_gb=budget, backend=backend, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": mode, "samples": n_samples, "tokens": n_samples * seq, "seconds": seconds, "cpu_seconds": cpu,
@@ -70,16 +75,19 @@ def main() -> None:
     p.add_argument("--site", default="mlp_output")
     p.add_argument("--components", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2-135M (CI smoke)")
+    p.add_argument("--device", default="cpu", help="where the model runs (cuda: capture and PCA stay on the GPU)")
+    p.add_argument("--pca-backend", default="auto", help="auto, cuml, torch or numpy")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(_child(a.child, a.samples[0], a.seq, a.tiny, a.site, a.components)))
+        print(json.dumps(_child(a.child, a.samples[0], a.seq, a.tiny, a.site, a.components, a.device, a.pca_backend)))
         return
     rows = []
     for n in a.samples:
         for mode in ("forward", "default", "stream"):
             cmd = [sys.executable, __file__, "--child", mode, "--samples", str(n), "--seq", str(a.seq), "--site", a.site,
-                   "--components", str(a.components)] + (["--tiny"] if a.tiny else [])
+                   "--components", str(a.components), "--device", a.device, "--pca-backend", a.pca_backend]
+            cmd += ["--tiny"] if a.tiny else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"  {mode:8s} {n:5d} samples: {rows[-1]['seconds']:.1f} s wall, {rows[-1]['cpu_seconds']:.1f} s CPU",

@@ -2,7 +2,8 @@
 
 `check_mask_options` needs no model (ids given, template file readable, ids and --ica-layers within the
 template); `check_template_fits_config` reads only the model's config.json (no weights) and compares the
-template's layer count and width with it. Each refusal is one UsageError line. No torch import here.
+template's layer count and width with it; output paths must be writable places, and a hub model must be cached
+or reachable. Each refusal is one UsageError line. No torch import here.
 """
 
 from __future__ import annotations
@@ -11,21 +12,41 @@ import json
 from pathlib import Path
 
 from fnscale.errors import UsageError
-from fnscale.models.paths import local_config_folder
+from fnscale.models.paths import check_hub_model, local_config_folder
 from fnscale.networks.templates import Templates
 
 
-def parse_component_ids(spec: str | None) -> list[int]:
-    """`0,3` or the reference's `[0, 3]` -> [0, 3]."""
+def parse_component_ids(spec: str | None, templates: Templates | None = None) -> list[int]:
+    """`0,3` or the reference's `[0, 3]` -> [0, 3]; `top:K` -> the K most important components of a ranked `templates`
+    (`fnscale templates rank`), most important first."""
     if spec is None or not str(spec).strip("[] "):
         raise UsageError("--mask-mode needs --ica-component-ids, e.g. 0,3")
+    text = str(spec).strip()
+    if text.lower().startswith("top:"):
+        return _top_ids(text, templates)
     try:
-        ids = [int(p) for p in str(spec).strip("[] ").split(",") if p.strip()]
+        ids = [int(p) for p in text.strip("[] ").split(",") if p.strip()]
     except ValueError:
-        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3") from None
+        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3, or top:K") from None
     if any(i < 0 for i in ids):
         raise UsageError(f"component ids must be >= 0, got {spec!r}")
     return ids
+
+
+def _top_ids(spec: str, templates: Templates | None) -> list[int]:
+    try:
+        k = int(spec[4:])
+    except ValueError:
+        raise UsageError(f"bad --ica-component-ids {spec!r}; top:K takes a whole number, e.g. top:3") from None
+    if k < 1:
+        raise UsageError(f"--ica-component-ids {spec}: K must be at least 1")
+    if templates is None or not templates.ranking:
+        raise UsageError(f"--ica-component-ids {spec} needs a ranked networks file; rank it first with "
+                         "`fnscale templates rank NETWORKS.json --data DATA`, or list the ids, e.g. 0,3")
+    order = [int(c["id"]) for c in templates.ranking["components"]]
+    if k > len(order):
+        raise UsageError(f"--ica-component-ids {spec}: the file ranks {len(order)} components; use top:{len(order)} or fewer")
+    return order[:k]
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -51,10 +72,44 @@ def check_train_options(cfg) -> Templates | None:
     .gguf file (other sources are checked once resolved, still before the weights load)."""
     check_ddp_timeout(cfg.ddp_timeout)
     templates = check_mask_options(cfg)
+    check_output_folder(cfg.output_dir, "--output-dir")
     folder = local_config_folder(cfg.model, cfg.gguf_file) if templates is not None else None
     if folder is not None:
         check_template_fits_config(templates, str(folder))
+    check_hub_model(cfg.model, cfg.gguf_file)
     return templates
+
+
+def check_build_options(cfg) -> None:
+    """`templates build`: what can be refused before the model loads (bounds and choices come with the options)."""
+    check_ddp_timeout(cfg.ddp_timeout)
+    check_output_folder(cfg.output, "--output")
+    check_hub_model(cfg.model, cfg.gguf_file)
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """A folder fnscale will write into: neither it nor a folder above it may be a file."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} is a file; pick a folder")
+    check_parents(p, flag, path)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file fnscale will write: not a folder, and no folder above it may be a file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {p / 'templates.json'}")
+    check_parents(p, flag, path)
+
+
+def check_parents(p: Path, flag: str, given: str) -> None:
+    """The nearest existing folder above `p` must be a folder (makedirs would fail on a file with FileExistsError)."""
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {given} is not writable: {parent} is a file, not a folder; pick another path")
+            return
 
 
 def check_ddp_timeout(seconds: int) -> None:
@@ -87,10 +142,11 @@ def check_mask_options(cfg) -> Templates | None:
     check_mask_combinations(cfg)
     if cfg.mask_mode == "none":
         return None
-    ids = parse_component_ids(cfg.ica_component_ids)
     if not cfg.ica_template_path:
+        parse_component_ids(cfg.ica_component_ids)  # computed templates are unranked: top:K is refused here
         return None  # templates are computed on the training data: ids and layers are checked once they exist
     templates = Templates.load(cfg.ica_template_path)
+    ids = parse_component_ids(cfg.ica_component_ids, templates)
     templates.component_neurons(ids)  # refuses ids the template does not have
     if cfg.ica_layers:
         top = templates.num_layers or max(templates.layers) + 1

@@ -125,6 +125,22 @@ def test_padding_never_counts_in_loss():
     assert batch["attention_mask"][1].tolist() == [1, 0, 0]
 
 
+def test_collate_pads_like_transformers_seq2seq_collator(tiny_tokenizer):
+    """The reference: transformers' DataCollatorForSeq2Seq (pads ids with the pad token, labels with -100)."""
+    import random
+
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    rng = random.Random(0)
+    batch = [{"input_ids": [rng.randrange(3, 20) for _ in range(n)], "labels": [rng.choice([-100, 7]) for _ in range(n)]}
+             for n in (5, 1, 9, 3)]
+    want = DataCollatorForSeq2Seq(tiny_tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")(batch)
+    got = data.collate(batch, tiny_tokenizer.pad_token_id)
+    assert set(got) == {"input_ids", "attention_mask", "labels"}
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
 def test_default_dataset_is_bundled():
     recs = data.load_records(None)
     assert len(recs) >= 32 and data.detect_schema(recs[0].keys()) == "alpaca"

@@ -25,6 +25,11 @@ def files(tmp_path_factory, tiny_llama, sft_file):
     (d / "corrupt.json").write_text("{not json")
     (d / "version.json").write_text(json.dumps({"format": "fnscale-templates", "version": 99}))
     (d / "not_a_dir").write_text("x")
+    (d / "sched.yaml").write_text("max_steps: 1\nlr_scheduler: cosin\n")
+    (d / "dtype.yaml").write_text("dtype: fp16\n")
+    (d / "schema.yaml").write_text("# the data's columns\nschema: chatml\n")
+    (d / "lr_text.yaml").write_text("learning_rate: fast\n")
+    (d / "malformed.yaml").write_text("max_steps: 1\n  bad: [\n")
     Templates(layers=[0, 1, 2], neurons_per_layer=64, components={0: {0: [1]}}).save(d / "three_layers.json")
     Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: [1, 2]}, 1: {1: [3]}}).save(d / "ok.json")
     Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: list(range(64)), 1: list(range(64))}}).save(d / "all.json")
@@ -81,6 +86,21 @@ CASES = [
      "model has 2 layers × 64 neurons"),
     ("ddp timeout too short", lambda f: _train(f, "--ddp-timeout", "1"), 2, "--ddp-timeout"),
     ("templates ddp timeout too short", lambda f: ["templates", "build", f["model"], f["data"], "--ddp-timeout", "5"], 2, "--ddp-timeout 5"),
+    # config files are read like flags, errors name the file, the line and the key (issue 20)
+    ("yaml choice lr_scheduler", lambda f: _train(f, "--config", str(f["dir"] / "sched.yaml")), 2, "sched.yaml line 2: lr_scheduler: 'cosin' is not one of"),
+    ("yaml choice dtype", lambda f: _train(f, "--config", str(f["dir"] / "dtype.yaml")), 2, "dtype.yaml line 1: dtype: 'fp16' is not one of"),
+    ("yaml choice schema", lambda f: _train(f, "--config", str(f["dir"] / "schema.yaml")), 2, "schema.yaml line 2: schema: 'chatml' is not one of"),
+    ("yaml not a number", lambda f: _train(f, "--config", str(f["dir"] / "lr_text.yaml")), 2, "lr_text.yaml line 1: learning_rate: 'fast' is not a valid float"),
+    ("yaml malformed", lambda f: _train(f, "--config", str(f["dir"] / "malformed.yaml")), 2, "malformed.yaml line 2: malformed YAML"),
+    # tracebacks before (issue 20), one line now
+    ("negative learning rate", lambda f: _train(f, "--learning-rate", "-1"), 2, "--learning-rate -1.0 must be greater than 0"),
+    ("output dir is a file", lambda f: _train(f)[:-8] + ["--output-dir", str(f["dir"] / "not_a_dir"), "--max-steps", "1"], 2, "not_a_dir is a file; pick a folder"),
+    ("random control under a file", lambda f: ["templates", "random", "--like", str(f["dir"] / "ok.json"), "--output", str(f["dir"] / "not_a_dir" / "r.json")], 2,
+     "not_a_dir is a file, not a folder"),
+    ("templates zero components", lambda f: ["templates", "build", f["model"], f["data"], "--components", "0"], 2, "--components 0 must be at least 1"),
+    ("templates output is a file", lambda f: ["templates", "build", f["model"], f["data"], "--output", str(f["dir"] / "not_a_dir")], 2, "is a file; pick a folder"),
+    ("offline hub id templates", lambda f: ["templates", "build", "nobody/nothing-here", f["data"]], 2, "hub is unreachable"),
+    ("offline hub id eval", lambda f: ["eval", "--model", "nobody/nothing-here", "--output", str(f["dir"] / "ev")], 2, "hub is unreachable"),
 ]
 
 
@@ -120,9 +140,54 @@ def test_bad_input_subprocess(files, case):
     _check(res.returncode, res.stdout, res.stderr, code, text)
 
 
-def test_debug_shows_the_traceback(files):
-    res = subprocess.run(FNSCALE + ["--debug"] + _train(files, data=str(files["dir"] / "nope.jsonl")), capture_output=True, text=True, env=ENV, timeout=300)
-    assert res.returncode != 0 and "Traceback" in res.stderr
+@pytest.mark.parametrize("argv", [lambda f: _train(f, data=str(f["dir"] / "nope.jsonl")), lambda f: _train(f, "--learning-rate", "-1")],
+                         ids=["missing data", "negative learning rate"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(files, argv):
+    res = subprocess.run(FNSCALE + ["--debug"] + argv(files), capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 2 and "Traceback" in res.stderr, res.stderr
+
+
+# Each is refused before torch is imported, in well under 3 s of CPU time (wall time on a shared machine varies).
+EARLY = ["templates zero components", "offline hub id", "offline hub id templates", "offline hub id eval", "output dir is a file",
+         "yaml choice dtype", "random control under a file"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in EARLY], ids=lambda c: c[0])
+def test_refused_before_anything_loads(files, case):
+    import resource
+
+    _, argv, code, text = case
+    probe = "import sys\nfrom fnscale.cli.app import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch imported:', 'torch' in sys.modules)\n"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = subprocess.run([sys.executable, "-c", probe, *argv(files)], capture_output=True, text=True, env=ENV, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _check(res.returncode, res.stdout, res.stderr, code, text)
+    assert "torch imported: False" in res.stdout
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 3.0
+
+
+def test_unreachable_hub_is_refused_at_once(monkeypatch):
+    """Without HF_HUB_OFFLINE: a closed port answers at once, a silent network within the probe's timeout."""
+    import socket
+    import time
+
+    import huggingface_hub
+
+    from fnscale.errors import UsageError
+    from fnscale.models import paths
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UsageError, match=r"hub is unreachable \(127.0.0.1: Connection refused\)"):
+        paths.check_hub_model("nobody/nothing-here")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="no answer from 127.0.0.1 within 0.3 s"):
+        paths.check_hub_model("nobody/nothing-here", timeout_s=0.3)
+    assert time.monotonic() - start < 2
+    paths.check_hub_model("tiny/../folder")  # not a hub name: left to the model load
 
 
 def test_missing_deepspeed_config_is_refused(monkeypatch):

@@ -134,7 +134,8 @@ def test_task_and_retention_figures_match_direct_computation(report, tiny_llama,
     base, tok = _load(tiny_llama)
     items = _items(tok, sft_file)
     paragraphs = [p for p in RETENTION.split("\n\n") if p.strip()]
-    ret_items = [{"input_ids": ids, "labels": ids} for ids in (tok(p.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id] for p in paragraphs)]
+    own = [tok(p.strip(), add_special_tokens=False).input_ids for p in paragraphs]  # the text's own tokens: no EOS
+    ret_items = [{"input_ids": ids, "labels": ids} for ids in own]
     full, _ = _load(finetuned)
     lora = PeftModel.from_pretrained(_load(tiny_llama)[0], adapter).eval()
     for kind, model in (("base", base.eval()), ("finetuned", full.eval()), ("adapter", lora)):
@@ -194,6 +195,9 @@ def test_report_files_are_written(report, adapter):
     assert "## What fine-tuning gained (task)" in md and "## What it cost (retention)" in md
     assert f"| {label} |" in md and "task_vs_retention.png" in md
     assert (out / "task_vs_retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert on_disk["retention_metric"] == scoring.RETENTION_METRIC
+    assert on_disk["retention"][0]["scored"] == scoring.SCORED_TEXT
+    assert f"scored: {scoring.SCORED_TEXT}" in md and f"metric `{scoring.RETENTION_METRIC}`" in md
     runs = sorted(p.name for p in (out / "tensorboard").iterdir())
     assert len(runs) == 3 and all(list((out / "tensorboard" / r).glob("events.out.tfevents.*")) for r in runs)
     assert not list(out.glob(".*.tmp"))
@@ -260,6 +264,11 @@ def test_cli_eval_with_adapter_and_help(tiny_llama, adapter, sft_file, tmp_path)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "report.md").is_file()
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    label = f"{Path(adapter).parent.name}/final"
+    table = [line for line in res.stdout.splitlines() if line.startswith("| ")]  # the summary table, on stdout
+    assert table[0] == "| model | task loss | Δ | EM |"
+    assert [r.split(" | ")[0] for r in table[1:]] == ["| base", f"| {label}"]
+    assert f"{rep['models'][1]['task']['task']['loss']:.4f}" in table[2]
     assert rep["retention"] == [] and rep["deltas"][f"{Path(adapter).parent.name}/final"]["summary"]["retention_cost"] is None
     help_text = " ".join(_cli(["eval", "--help"]).output.split())
     for flag in ("--model", "--adapter", "--finetuned", "--sequence", "--task", "--task-split", "--retention", "--generate",
@@ -308,11 +317,11 @@ def test_cli_error_is_one_line(tiny_llama, tmp_path, capsys):
 
 def test_retention_reads_text_columns_and_sft_data_scoring_every_token(tiny_tokenizer, sft_file, tmp_path):
     tok = tiny_tokenizer
-    text = " ".join(["the sun rises in the east"] * 5)  # 30 words -> 31 tokens with EOS
+    text = " ".join(["the sun rises in the east"] * 5)  # 30 words -> 30 tokens (no BOS from this tokenizer, no EOS)
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": text}) + "\n")
     windows = scoring.retention_items(tok, str(tmp_path / "t.jsonl"), max_len=8)
-    assert [len(w["input_ids"]) for w in windows] == [8, 8, 8, 7]  # chunked, nothing dropped
-    assert [t for w in windows for t in w["input_ids"]] == tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert [len(w["input_ids"]) for w in windows] == [8, 8, 8, 6]  # chunked, nothing dropped
+    assert [t for w in windows for t in w["input_ids"]] == tok(text, add_special_tokens=False).input_ids
     sft = scoring.retention_items(tok, sft_file, max_len=512)
     task = _items(tok, sft_file)
     assert len(sft) == len(task) and all(w["labels"] == w["input_ids"] for w in sft)
@@ -365,6 +374,8 @@ def test_train_logs_retention_before_and_after(tiny_llama, sft_file, retention_t
     direct = scoring.corpus_loss(model, scoring.retention_items(tok, retention_txt, 64), 1, tok.pad_token_id, "cpu")
     assert before["retention_before_loss/general"] == pytest.approx(direct["loss"], rel=1e-5)  # LoRA starts as the base
     assert math.isfinite(summary["retention_after_ppl/general"])
+    assert before["retention_scored"] == summary["retention_scored"] == {"general": scoring.SCORED_TEXT}
+    assert summary["retention_metric"] == scoring.RETENTION_METRIC
 
 
 @pytest.mark.slow

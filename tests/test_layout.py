@@ -114,10 +114,13 @@ def test_no_import_cycles_inside_fnscale():
 
 
 def layer(module: str) -> str:
-    """cli, recipes or core: the three layers of the package (`python -m fnscale` is the CLI; kernels and the
-    other top-level modules are core)."""
+    """cli, entry, recipes or core: the layers of the package (`python -m fnscale` is the CLI; the Python API
+    `fnscale.api` and the trainer integrations are the entry layer beside it: `build_networks` runs the templates
+    recipe; kernels and the other top-level modules are core)."""
     if module == "fnscale.__main__":
         return "cli"
+    if module == "fnscale.api" or module == "fnscale.integrations" or module.startswith("fnscale.integrations."):
+        return "entry"
     for top in ("cli", "recipes"):
         if module == f"fnscale.{top}" or module.startswith(f"fnscale.{top}."):
             return top
@@ -125,9 +128,10 @@ def layer(module: str) -> str:
 
 
 def test_imports_run_one_way_cli_recipes_core():
-    """CLI -> recipes -> core: no core module (data, networks, masking, models, runtime, eval, ...) imports a recipe
-    or the CLI, and no recipe imports the CLI."""
-    allowed = {"cli": {"cli", "recipes", "core"}, "recipes": {"recipes", "core"}, "core": {"core"}}
+    """CLI (and the entry layer: Python API, integrations) -> recipes -> core: no core module (data, networks,
+    masking, models, runtime, eval, ...) imports a recipe, the CLI or the entry layer, and no recipe imports either."""
+    allowed = {"cli": {"cli", "recipes", "core"}, "entry": {"entry", "recipes", "core"}, "recipes": {"recipes", "core"},
+               "core": {"core"}}
     wrong = [(m, d) for m, deps in import_graph().items() for d in deps if layer(d) not in allowed[layer(m)]]
     assert wrong == []
 
@@ -135,6 +139,8 @@ def test_imports_run_one_way_cli_recipes_core():
 def test_layer_rule_sees_a_core_module_importing_a_recipe():
     assert layer("fnscale.masking.setup") == "core" and layer("fnscale.recipes.train") == "recipes"
     assert layer("fnscale.cli") == "cli" and layer("fnscale.kernels") == "core"
+    assert layer("fnscale.api") == "entry" and layer("fnscale.integrations.trainer") == "entry"
+    assert layer("fnscale") == "core"
 
 
 def test_training_does_not_import_the_eval_recipe():

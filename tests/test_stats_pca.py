@@ -3,15 +3,17 @@
 Tolerances: stats are exact up to float64 rounding (1e-10 relative); PCA is approximate by
 truncation to k' = k + oversample after each chunk, so each backend must match the exact SVD of
 the standardised data to principal-angle cosines >= 0.99 on the top-k subspace (observed
-> 0.9999) and singular values to 1%.
+> 0.9999) and singular values to 1%. The cuML backend also runs on the CPU here, through a stand-in
+(tests/helpers_cuml.py: scikit-learn's IncrementalPCA behind cuML's import path, CUDA reported present).
 """
 
 import numpy as np
 import pytest
 import torch
+from helpers_cuml import install as install_cuml_standin
 
 from fnscale.errors import UsageError
-from fnscale.networks.pca import IncrementalPCA, PCAState, _cuml_available, merge, resolve_backend
+from fnscale.networks.pca import MIN_CHUNK_GPU, IncrementalPCA, PCAState, _cuml_available, merge, resolve_backend
 from fnscale.networks.stats import RunningStats
 from fnscale.networks.stats import merge as merge_stats
 
@@ -122,14 +124,19 @@ BACKENDS = [
     pytest.param("torch", "cpu", id="torch-cpu"),
     pytest.param("torch", "cuda", id="torch-cuda"),
     pytest.param("cuml", None, id="cuml"),
+    pytest.param("cuml", "cpu", id="cuml-standin"),
 ]
 
 
-def _require(backend, device):
+def _require(backend, device, monkeypatch) -> list[int] | None:
+    """Skip what this machine cannot run; for the cuML stand-in, install it and return the rows cuML is fed."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
+    if backend == "cuml" and device == "cpu":
+        return install_cuml_standin(monkeypatch)
     if backend == "cuml" and not _cuml_available():
         pytest.skip("cuML is not installed or CUDA is not available")
+    return None
 
 
 def _fit(x, k, backend, device, batch=200, **kw):
@@ -142,8 +149,8 @@ def _fit(x, k, backend, device, batch=200, **kw):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("seed", [101, 202])
-def test_backend_matches_exact_svd(backend, device, seed):
-    _require(backend, device)
+def test_backend_matches_exact_svd(backend, device, seed, monkeypatch):
+    fed = _require(backend, device, monkeypatch)
     k = 8
     x = _lowrank(seed)
     s, vt = _exact_pca(x)
@@ -155,11 +162,13 @@ def test_backend_matches_exact_svd(backend, device, seed):
     np.testing.assert_allclose(pca.explained_variance_ratio_, s[:k] ** 2 / (s**2).sum(), rtol=2e-2)
     np.testing.assert_allclose(pca.components_ @ pca.components_.T, np.eye(k), atol=1e-8)
     assert np.abs(pca.mean_).max() < 1e-10  # standardised data has zero mean
+    if fed is not None:
+        assert sum(fed) == x.shape[0]  # cuML fitted every row
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_pca_merge_of_halves_equals_full_fit(backend, device):
-    _require(backend, device)
+def test_pca_merge_of_halves_equals_full_fit(backend, device, monkeypatch):
+    _require(backend, device, monkeypatch)
     k = 8
     x = _lowrank(303)
     full = _fit(x, k, backend, device)
@@ -189,6 +198,35 @@ def test_numpy_update_agrees_with_sklearn_incremental_pca():
     np.testing.assert_allclose(ours.singular_values_, sk.singular_values_, rtol=1e-8)
     assert _cosines(ours.components_, sk.components_).min() >= 1 - 1e-8
     np.testing.assert_allclose(ours.mean_, sk.mean_, atol=1e-12)
+
+
+def test_cuml_fits_the_chunks_and_agrees_with_numpy(monkeypatch):
+    """cuML (the stand-in) fits each batch in near-equal chunks, fnscale merges the batch states; the result matches
+    the numpy backend to principal-angle cosines >= 1 - 1e-4 and singular values to 1e-3 (the two truncate at
+    different steps), and the exact SVD as every backend does (test above)."""
+    fed = install_cuml_standin(monkeypatch)
+    assert resolve_backend("auto") == "cuml"
+    x = _lowrank(707)
+    cuml, ref = _fit(x, 8, "cuml", "cpu"), _fit(x, 8, "numpy", None)
+    assert cuml.backend_ == "cuml" and fed == [50] * 48  # 12 batches of 200 rows, 4 chunks each (chunk size 64)
+    assert cuml.n_samples_seen_ == x.shape[0]
+    assert _cosines(cuml.components_, ref.components_).min() >= 1 - 1e-4
+    np.testing.assert_allclose(cuml.singular_values_, ref.singular_values_, rtol=1e-3)
+    np.testing.assert_allclose(cuml.get_state().total_m2_, ref.get_state().total_m2_, rtol=1e-10)
+    s, vt = _exact_pca(x)
+    assert _cosines(cuml.components_, vt[:8]).min() >= 0.99
+    st = RunningStats().update(x)
+    xs = (x[:50] - st.mean_) * st.inverse_std()
+    np.testing.assert_allclose(cuml.transform(x[:50]), (xs - cuml.mean_) @ cuml.components_.T, atol=1e-10)
+
+
+def test_chunk_size_per_device():
+    """At least MIN_CHUNK_GPU rows per update on a GPU (no CUDA needed to construct), 2 k' (>= 64) on the CPU."""
+    assert IncrementalPCA(8, backend="torch", device="cuda").chunk_size == MIN_CHUNK_GPU >= 1024
+    assert IncrementalPCA(8, oversample=600, backend="torch", device="cuda").chunk_size == 2 * 608
+    assert IncrementalPCA(8, backend="torch", device="cpu").chunk_size == 64
+    assert IncrementalPCA(8, oversample=40, backend="numpy").chunk_size == 96
+    assert IncrementalPCA(8, backend="torch", device="cuda", chunk_size=32).chunk_size == 32  # an explicit size wins
 
 
 def test_torch_and_numpy_backends_agree_and_accept_tensors():

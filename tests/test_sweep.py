@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fnscale.errors import RunError, UsageError
-from fnscale.eval import sweep_report
+from fnscale.eval import stats, sweep_report
 from fnscale.recipes import sweep
 
 FNSCALE = [sys.executable, "-m", "fnscale"]
@@ -58,6 +58,75 @@ def test_run_row_and_seed_statistics_by_hand():
     assert x["retention_cost_pct"]["mean"] == pytest.approx(10.0) and y["task_gain"]["sd"] is None
     assert (x["pareto"], y["pareto"]) == (True, False)
     assert y["gain_share_of_reference"] == pytest.approx(0.5 / 0.9) and y["cost_share_of_reference"] == pytest.approx(2.0)
+
+
+# Student's sleep data (Cushny & Peebles 1905): extra hours of sleep of 10 patients under two drugs. R's
+# t.test(extra ~ group, data = sleep, paired = TRUE) gives mean difference -1.58, t = -4.0621, df = 9, p = 0.002833,
+# 95 percent confidence interval -2.4598858 -0.7001142.
+SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+
+
+def test_paired_difference_on_students_sleep_data():
+    d = stats.paired_difference(dict(enumerate(SLEEP_1)), dict(enumerate(SLEEP_2)))
+    assert d["n"] == 10 and d["mean"] == pytest.approx(-1.58)
+    assert (d["low"], d["high"]) == (pytest.approx(-2.4598858, abs=1e-7), pytest.approx(-0.7001142, abs=1e-7))
+    assert d["t"] == pytest.approx(-4.0621, abs=1e-4) and d["p"] == pytest.approx(0.002833, abs=1e-6)
+    assert d["excludes_zero"] is True
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ref = scipy_stats.ttest_rel(SLEEP_1, SLEEP_2)
+    assert d["t"] == pytest.approx(ref.statistic, rel=1e-12) and d["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_paired_difference_pairs_by_seed_and_says_when_it_cannot():
+    # differences 1..5 on seeds 1-5 (seed 6 finished in a only, seed 7 is missing a value): mean 3, sd sqrt(2.5),
+    # t(0.975, 4) = 2.776445 (tables), so the interval is 3 -/+ 2.776445 * sqrt(2.5 / 5) = 3 -/+ 1.963243
+    a = {1: 11.0, 2: 12.0, 3: 13.0, 4: 14.0, 5: 15.0, 6: 99.0, 7: None}
+    b = {5: 10.0, 4: 10.0, 3: 10.0, 2: 10.0, 1: 10.0, 7: 10.0}
+    d = stats.paired_difference(a, b)
+    assert d["seeds"] == [1, 2, 3, 4, 5] and d["mean"] == pytest.approx(3.0) and d["sd"] == pytest.approx(math.sqrt(2.5))
+    assert d["low"] == pytest.approx(3 - 1.963243, abs=1e-6) and d["high"] == pytest.approx(3 + 1.963243, abs=1e-6)
+    assert d["excludes_zero"] is True
+    within = stats.paired_difference({1: 1.0, 2: -1.0, 3: 0.5}, {1: 0.0, 2: 0.0, 3: 0.0})
+    assert within["low"] < 0 < within["high"] and within["excludes_zero"] is False  # inside the spread: not shown
+    one = stats.paired_difference({1: 2.0}, {1: 1.0, 2: 0.0})
+    assert one["n"] == 1 and one["mean"] == 1.0 and one["low"] is None and one["excludes_zero"] is None
+    same = stats.paired_difference({1: 2.0, 2: 3.0}, {1: 1.0, 2: 2.0})  # the same difference every seed
+    assert (same["low"], same["high"], same["excludes_zero"], same["t"]) == (1.0, 1.0, True, None)
+
+
+def test_report_compares_pairs_by_seed_and_draws_the_front():
+    def row(name, seed, gain, cost):
+        return {"name": name, "seed": seed, "task_gain": gain, "retention_cost_pct": cost}
+
+    rows = [row("a", s, g, c) for s, g, c in zip(range(10), SLEEP_1, SLEEP_2)]
+    rows += [row("b", s, g, c) for s, g, c in zip(range(10), SLEEP_2, SLEEP_1)]
+    rows += [row("c", 0, 1.0, 1.0)]
+    comps = sweep_report.comparisons(rows, [("a", "b"), ("a", "c")])
+    g = comps[0]["task_gain"]
+    assert (comps[0]["a"], comps[0]["b"]) == ("a", "b") and g["mean"] == pytest.approx(-1.58) and g["excludes_zero"]
+    assert g["high"] == pytest.approx(-0.7001142, abs=1e-7) and comps[0]["retention_cost_pct"]["mean"] == pytest.approx(1.58)
+    assert comps[1]["task_gain"]["n"] == 1 and comps[1]["task_gain"]["excludes_zero"] is None
+    lines = "\n".join(sweep_report.comparison_table(comps))
+    assert "Student's t" in lines and "| a - b | 10 | -1.580 [-2.460, -0.700] | **yes** | +1.58 [+0.70, +2.46] | **yes** |" in lines
+    assert "| a - c | 1 | -0.300 (one seed: no interval) | n/a |" in lines
+    configs = [{"pareto": p, "task_gain": {"mean": g}, "retention_cost_pct": {"mean": c}}
+               for p, g, c in [(True, 2.0, 5.0), (False, 0.5, 3.0), (True, 1.0, 1.0), (True, 3.0, 9.0)]]
+    assert sweep_report.front_line(configs) == [(1.0, 1.0), (5.0, 2.0), (9.0, 3.0)]
+
+
+@pytest.mark.parametrize("compare, message", [
+    ([["a", "nope"]], "'nope' is not a configuration name"),
+    ([["a", "a"]], "compares a configuration with itself"),
+    (["a"], "list of configuration pairs"),
+    ({"a": "b"}, "list of configuration pairs"),
+])
+def test_bad_compare_lists_are_refused(tmp_path, compare, message):
+    cfg = {"seeds": [1], "runs": [{"name": "a"}, {"name": "b"}], "compare": compare}
+    with pytest.raises(UsageError, match=message):
+        sweep.load(_write(tmp_path / "s.yaml", cfg))
+    cfg["compare"] = [["a", "b"], ["b", "a"]]
+    assert sweep.load(_write(tmp_path / "s.yaml", cfg)).compare == [("a", "b"), ("b", "a")]
 
 
 def test_load_expands_runs_and_grid_over_seeds(tmp_path):
@@ -126,6 +195,7 @@ def tiny_sweep(tmp_path, tiny_llama, sft_file):
         "seeds": [1, 2],
         "runs": [{"name": "full", "lora": False}, {"name": "lora", "lora": True, "lora_r": 4}],
         "reference": "full",
+        "compare": [["lora", "full"]],
     }
     return _write(tmp_path / "sweep.yaml", cfg), tmp_path / "out"
 
@@ -160,6 +230,12 @@ def test_sweep_runs_scores_reports_and_skips_finished_runs(tiny_sweep):
     assert data["runs"][0]["task_loss"] != data["runs"][1]["task_loss"]  # seeds differ in data order and init
     md = (out / "sweep.md").read_text()
     assert "| full | 2 |" in md and "| lora | 2 |" in md and "base model" in md
+    pair = data["comparisons"][0]
+    by_run = {r["run"]: r for r in data["runs"]}
+    diffs = [by_run[f"lora-seed{s}"]["task_gain"] - by_run[f"full-seed{s}"]["task_gain"] for s in (1, 2)]
+    assert (pair["a"], pair["b"]) == ("lora", "full") and pair["task_gain"]["seeds"] == [1, 2]
+    assert pair["task_gain"]["mean"] == pytest.approx(sum(diffs) / 2) and pair["task_gain"]["low"] < pair["task_gain"]["high"]
+    assert "## Paired comparisons" in md and "| lora - full | 2 |" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     before = _mtimes(out)
@@ -174,6 +250,7 @@ def test_report_only_lists_unfinished_runs_and_changed_options_are_refused(tiny_
     rep = sweep.run_sweep(path, str(out), report_only=True)["report"]
     assert rep["missing"] == ["full-seed2", "lora-seed1", "lora-seed2"] and [r["run"] for r in rep["runs"]] == ["full-seed1"]
     assert "Not finished (3)" in (out / "sweep.md").read_text()
+    assert "retention metric `retention/2` (plain text scored on its own tokens" in (out / "sweep.md").read_text()
     cfg = yaml.safe_load(Path(path).read_text())
     cfg["runs"][0]["learning_rate"] = 1e-3
     _write(out.parent / "sweep.yaml", cfg)
@@ -193,7 +270,7 @@ def test_a_failed_run_stops_the_sweep_with_its_error_line(tiny_sweep):
     cfg = yaml.safe_load(Path(path).read_text())
     cfg["runs"][0]["max_seq_length"] = 0  # `fnscale train` refuses it
     _write(out.parent / "sweep.yaml", cfg)
-    with pytest.raises(RunError, match=r"run full-seed1 failed \(exit 2\): error: --max-seq-length must be at least 1"):
+    with pytest.raises(RunError, match=r"run full-seed1 failed \(exit 2\): error: \S+config.yaml line \d+: max_seq_length: 0 must be at least 1"):
         sweep.run_sweep(path, str(out), only=(0,))
     assert not (out / "runs/full-seed1/done.json").exists() and (out / "runs/full-seed1/train.log").is_file()
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers_cuml import install as install_cuml_standin
 from transformers import AutoModelForCausalLM
 
 from fnscale.errors import UsageError
@@ -108,16 +109,43 @@ def test_two_passes_match_three_with_truncation(seed):
     assert _matched_ious(two, three).min() >= 0.99
 
 
+@pytest.mark.parametrize("backend", ["cuml", "auto"])
+def test_cuml_serves_the_folded_pass(monkeypatch, backend):
+    """`cuml` (and `auto` with cuML and CUDA present) runs cuML in the 2-pass folded path, which swapped it for
+    torch before. The stand-in (tests/helpers_cuml.py) fits every batch; fnscale rescales and merges. Against the
+    numpy folded path: PCA subspaces cosines >= 0.9999, explained variance ratios within 1e-4, masks IoU >= 0.99;
+    against the exact SVD of the standardised data: cosines >= 0.999 (the 3-pass test's tolerances above)."""
+    fed = install_cuml_standin(monkeypatch)
+    rng = np.random.default_rng(6)
+    x = _planted(rng)
+    batches = [torch.from_numpy(x[i : i + 200]) for i in range(0, len(x), 200)]
+    cuml = decompose(batches, 5, percentile=90, backend=backend, device="cpu", fold_stats=True)
+    ref = decompose(batches, 5, percentile=90, backend="numpy", fold_stats=True)
+    assert cuml.extra["backend"] == "cuml" and sum(fed) == len(x)
+    xs = (x - x.mean(0)) / np.where(x.std(0, ddof=1) > 0, x.std(0, ddof=1), np.inf)
+    exact = np.linalg.svd(xs, full_matrices=False)[2][:5]
+    q_cuml, q_ref = (np.linalg.qr(d.mixing)[0].T for d in (cuml, ref))
+    assert _min_cos(q_cuml, q_ref) >= 0.9999 and _min_cos(q_cuml, exact) >= 0.999
+    np.testing.assert_allclose(cuml.explained_variance_ratio, ref.explained_variance_ratio, atol=1e-4)
+    assert _matched_ious(cuml, ref).min() >= 0.99
+
+
 def test_cache_encoding_is_overflow_safe():
     rng = np.random.default_rng(5)
     acts = (rng.normal(size=(300, 64)) * np.exp(rng.uniform(-10, 14, 64))).astype(np.float32)  # up to ~1e7
     with np.errstate(over="ignore"):
         assert np.isinf(acts.astype(np.float16)).any()  # a plain fp16 cache would overflow here
-    values, scale = cache.encode(acts)
-    assert values.dtype == np.float16 and np.isfinite(values).all() and scale.shape == (64,)
-    back = cache.decode(values, scale)
+    values, scale = cache.encode(torch.from_numpy(acts))
+    assert values.dtype == torch.float16 and values.device.type == "cpu" and torch.isfinite(values).all()
+    _, exp = np.frexp(np.abs(acts).max(0))
+    np.testing.assert_array_equal(scale.numpy(), np.ldexp(np.float32(1.0), exp - 15))  # exact powers of two
+    back = cache.decode(values, scale).numpy()
     peak = np.abs(acts).max(0)
     assert (np.abs(back - acts) <= 2.0**-11 * np.abs(acts) + 2.0**-24 * peak).all()  # fp16 rounding, relative to each neuron
+    odd = torch.tensor([[0.0, 1e-42, 3e38], [0.0, -1e-42, -1e38]])  # a dead neuron, subnormal and huge peaks
+    v, s = cache.encode(odd)
+    assert (s > 0).all() and torch.isfinite(s).all() and torch.isfinite(v).all()
+    np.testing.assert_allclose(cache.decode(v, s).numpy(), odd.numpy(), rtol=2.0**-11, atol=1e-44)
 
 
 def test_cache_budget_parsing_and_plan(monkeypatch, caplog):

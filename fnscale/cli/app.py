@@ -1,7 +1,7 @@
 """The `fnscale` command line: train, templates, eval, data, doctor.
 
 User mistakes raise `FnscaleError`; `main` turns them into one line on stderr and an exit code,
-with a traceback only under --debug.
+with a traceback only under --debug (the exit code stays the same).
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import traceback
 
 import click
 
+from fnscale.cli.cl import cl_cmd
 from fnscale.cli.data import data_group
 from fnscale.cli.eval import eval_cmd
 from fnscale.cli.options import CONTEXT, is_main
 from fnscale.cli.sweep import sweep_cmd
 from fnscale.cli.templates import templates
 from fnscale.cli.train import train
-from fnscale.errors import FnscaleError
+from fnscale.errors import FnscaleError, UsageError
 
 
 class UserError(click.ClickException):
@@ -38,8 +39,9 @@ class FnscaleGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FnscaleError as err:
-            if ctx.params.get("debug"):
-                raise
+            if ctx.params.get("debug"):  # the traceback, then the same exit code as without --debug
+                traceback.print_exc()
+                ctx.exit(err.exit_code)
             raise UserError(str(err), err.exit_code) from err
         except KeyboardInterrupt as err:  # a second Ctrl-C (the first one checkpoints): stop at once
             if ctx.params.get("debug"):
@@ -69,7 +71,27 @@ def doctor():
     click.echo(report())
 
 
-for command in (train, templates, eval_cmd, data_group, sweep_cmd):
+@cli.command(name="launch-configs", context_settings=CONTEXT)
+@click.argument("name", required=False)
+def launch_configs(name):
+    """The shipped `accelerate launch --config_file` files; with NAME (e.g. deepspeed_zero3), print only its path.
+
+    Example: accelerate launch --config_file "$(fnscale launch-configs deepspeed_zero3)" -m fnscale train ...
+    """
+    from fnscale.runtime.distributed import launch_configs_folder
+
+    files = sorted(launch_configs_folder().glob("*.yaml"))
+    if name is None:
+        for f in files:
+            click.echo(f"{f.stem:24s} {f}")
+        return
+    chosen = [f for f in files if f.stem == name.removesuffix(".yaml")]
+    if not chosen:
+        raise UsageError(f"no launch config {name!r}; pick one of {', '.join(f.stem for f in files)}")
+    click.echo(str(chosen[0]))
+
+
+for command in (train, templates, eval_cmd, data_group, sweep_cmd, cl_cmd):
     cli.add_command(command)
 
 

@@ -7,31 +7,41 @@ from __future__ import annotations
 
 import click
 
-from fnscale.cli.options import CONTEXT, config_option, load_config, options_from
+from fnscale.cli.options import CONTEXT, config_option, echo_config, load_config, options_from, print_config_option
 from fnscale.config import EvalConfig
 
 
 @click.command(name="eval", context_settings=CONTEXT)
 @config_option
+@print_config_option
 @options_from(EvalConfig)
 @click.pass_context
-def eval_cmd(ctx, config_file, **values):
+def eval_cmd(ctx, config_file, print_config: bool, **values):
     """Measure what fine-tuning gained on the task and what it cost on retention data.
 
     Scores the base model and each --adapter / --finetuned model (or a --sequence of checkpoints)
     and writes report.json, report.md, task_vs_retention.png and TensorBoard scalars to --output.
     """
+    from fnscale.models.paths import check_hub_model
+    from fnscale.preflight import check_output_folder
+
+    cfg = load_config(EvalConfig, ctx, config_file, values)
+    if print_config:
+        return echo_config(cfg)
+    check_output_folder(cfg.output, "--output")
+    check_hub_model(cfg.model, cfg.gguf_file)  # before torch loads: an uncached hub model offline fails at once
     from fnscale.recipes.evaluate import run_eval
 
-    rep = run_eval(load_config(EvalConfig, ctx, config_file, values))
+    rep = run_eval(cfg)
     _echo_summary(rep)
 
 
 def _echo_summary(rep: dict) -> None:
-    for m in rep["models"]:
-        task = "  ".join(f"{t} loss {s['loss']:.4f}" for t, s in m["task"].items())
-        ret = "  ".join(f"{c} ppl {s['ppl']:.2f}" for c, s in m["retention"].items())
-        click.echo(f"{m['label']:24s} {task}  {ret}")
+    from fnscale.eval.report import summary_table
+
+    click.echo(summary_table(rep), nl=False)
+    for r in rep["retention"]:
+        click.echo(f"retention corpus {r['name']} ({rep['retention_metric']}) scored: {r['scored']}")
     if "continual" in rep:
         c = rep["continual"]
         fmt = lambda x: "n/a" if x is None else f"{x:+.4f}"  # noqa: E731

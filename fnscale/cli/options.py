@@ -1,4 +1,5 @@
-"""Click glue shared by every command module: options generated from config dataclasses, `--config FILE`.
+"""Click glue shared by every command module: options generated from config dataclasses, `--config FILE`,
+`--print-config`.
 
 Every `cli*` module imports this one and nothing imports back, so the CLI has no import cycle. It
 imports click and fnscale.config only (no torch), so `fnscale --help` stays fast.
@@ -10,8 +11,9 @@ import dataclasses
 import os
 
 import click
+import yaml
 
-from fnscale.config import load_yaml, merge
+from fnscale.config import check_limits, click_type, config_file, merge, typed
 
 
 def is_main() -> bool:
@@ -20,17 +22,6 @@ def is_main() -> bool:
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "show_default": True}
-
-
-def _click_type(f: dataclasses.Field):
-    if f.metadata.get("choices"):
-        return click.Choice(f.metadata["choices"])
-    t = str(f.type)
-    if t.startswith("int"):
-        return int
-    if t.startswith("float"):
-        return float
-    return str
 
 
 def options_from(cls, only: tuple[str, ...] | None = None):
@@ -50,7 +41,7 @@ def options_from(cls, only: tuple[str, ...] | None = None):
             elif isinstance(f.default, tuple):
                 fn = click.option(flag, f.name, multiple=True, default=(), type=str, help=help_text + " [repeatable]")(fn)
             else:
-                fn = click.option(flag, f.name, default=f.default, type=_click_type(f), help=help_text)(fn)
+                fn = click.option(flag, f.name, default=f.default, type=click_type(f), help=help_text)(fn)
         return fn
 
     return decorate
@@ -59,7 +50,9 @@ def options_from(cls, only: tuple[str, ...] | None = None):
 def config_option(fn):
     """`--config FILE.yaml`: option values from a file; flags given on the command line override it."""
     return click.option(
-        "--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML file of options; flags given here override it"
+        "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+        help="YAML file of options (keys as --print-config shows them, values read as the flags read them); "
+        "flags given here override it"
     )(fn)
 
 
@@ -68,7 +61,28 @@ def explicit_params(ctx: click.Context) -> set[str]:
     return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-def load_config(cls, ctx: click.Context, config_file: str | None, values: dict):
-    """The command's config object: defaults < the --config file < flags given on the command line."""
-    yaml_values = load_yaml(config_file) if config_file else {}
-    return merge(cls, yaml_values, values, explicit_params(ctx), command=ctx.command_path.partition(" ")[2] or ctx.info_name)
+def load_config(cls, ctx: click.Context, path: str | None, values: dict):
+    """The command's config object: defaults < the --config file < flags given on the command line.
+
+    File values are typed and checked like flags (errors name the file, the line and the key); the bounds of the
+    resolved options are checked too, so a mistake stops here, before anything loads."""
+    command = ctx.command_path.partition(" ")[2] or ctx.info_name
+    yaml_values = {}
+    if path:
+        raw, lines = config_file(path)
+        yaml_values = typed(cls, raw, str(path), lines, command)
+    cfg = merge(cls, yaml_values, values, explicit_params(ctx), command)
+    check_limits(cfg)
+    return cfg
+
+
+def print_config_option(fn):
+    """`--print-config`: show the resolved options as YAML (a valid --config file) and exit without running."""
+    help_text = "print the resolved options as YAML (usable as --config) and exit"
+    return click.option("--print-config", is_flag=True, help=help_text)(fn)
+
+
+def echo_config(cfg) -> None:
+    """The resolved options as YAML, in declaration order (tuples as lists)."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    click.echo(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), nl=False)

@@ -107,10 +107,10 @@ def build_sft_data(tokenizer, source, max_len: int, schema: str = "auto", templa
     return SFTData(train, val, ",".join(dict.fromkeys(shapes)), counts, val_counts)
 
 
-def sample_token_ids(tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0,
-                     opts: DataOptions | None = None) -> tuple[list[list[int]], dict[str, int], dict[str, int]]:
-    """`templates build` input: up to N examples per dataset (a seeded choice; a dataset's `samples` overrides N),
-    rendered like training data. Returns the token id lists, tokens per dataset and examples per dataset."""
+def sample_items(tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0,
+                 opts: DataOptions | None = None) -> tuple[list[dict], dict[str, int], dict[str, int]]:
+    """Up to N examples from each dataset (a seeded choice; a dataset's `samples` overrides N), rendered like training
+    data and truncated: the items ({input_ids, labels}), tokens per dataset and examples per dataset."""
     check_max_len(max_len)
     opts = opts or DataOptions()
     out, tokens, examples = [], {}, {}
@@ -118,9 +118,16 @@ def sample_token_ids(tokenizer, sources, samples_per_dataset: int, max_len: int,
         ds, _ = tokenized(tokenizer, spec, opts)
         n = spec.samples if spec.samples is not None else samples_per_dataset
         idx = sorted(random.Random(seed).sample(range(len(ds)), n)) if n and len(ds) > n else list(range(len(ds)))
-        ids = [t["input_ids"] for t in items_at(ds, idx, max_len)]
-        if not ids:
+        items = items_at(ds, idx, max_len)
+        if not items:
             raise UsageError(f"no usable samples in {spec.name} at --max-seq-length {max_len}")
-        out.extend(ids)
-        tokens[spec.name], examples[spec.name] = sum(len(i) for i in ids), len(ids)
+        out.extend(items)
+        tokens[spec.name], examples[spec.name] = sum(len(i["input_ids"]) for i in items), len(items)
     return out, tokens, examples
+
+
+def sample_token_ids(tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0,
+                     opts: DataOptions | None = None) -> tuple[list[list[int]], dict[str, int], dict[str, int]]:
+    """`templates build` input: the token ids of `sample_items`, tokens per dataset and examples per dataset."""
+    items, tokens, examples = sample_items(tokenizer, sources, samples_per_dataset, max_len, seed, opts)
+    return [i["input_ids"] for i in items], tokens, examples

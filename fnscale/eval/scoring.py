@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fnscale import data
+from fnscale.data.tokenize import encode_text
 from fnscale.errors import UsageError
 
 NO_LIMIT = 10**9  # a max_len that never truncates (chunking happens afterwards)
@@ -73,11 +75,17 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-def corpus_loss(model, items: list[dict], batch_size: int, pad_id: int, device) -> dict:
-    """Mean NLL per scored token, its perplexity and the token count, on one process."""
+def corpus_loss(model, items: list[dict], batch_size: int, pad_id: int, device, bar=None) -> dict:
+    """Mean NLL per scored token, its perplexity and the token count, on one process; `bar` (a tqdm bar, optional)
+    advances by one per batch."""
     was_training = model.training
     model.eval()
-    total, count, _ = shard_sums(model, batches(items, batch_size, pad_id), 0, 1, device)
+    total, count = 0.0, 0
+    for batch in batches(items, batch_size, pad_id):
+        s, c = nll_sum(model, batch, device)
+        total, count = total + s, count + c
+        if bar is not None:
+            bar.update(1)
     model.train(was_training)
     return loss_stats(total, count)
 
@@ -107,26 +115,49 @@ def sharded_loss(model, bs: list[dict], accelerator) -> float:
 # ---------------------------------------------------------------- retention corpora
 
 
-def retention_items(tokenizer, source: str, max_len: int, max_samples: int | None = None) -> list[dict]:
+RETENTION_METRIC = "retention/2"  # /1 (before issue 20) rendered plain text as an example and scored an appended EOS
+SCORED_TEXT = "text: its own tokens (BOS where the tokenizer adds one; no EOS or end-of-turn token; no chat template)"
+SCORED_SFT = "SFT: every token of the training rendering (prompt, response, end-of-turn/EOS; chat template if any)"
+
+
+@dataclass
+class RetentionCorpus:
+    """Windows to score and what they hold (`scored`: SCORED_TEXT, SCORED_SFT or both, for the reports)."""
+
+    items: list[dict]
+    scored: str
+
+
+def retention_corpus(tokenizer, source: str, max_len: int, max_samples: int | None = None) -> RetentionCorpus:
     """Every token of the corpus scored, in non-overlapping windows of max_len (long texts are chunked, not cut).
 
-    Plain text and `text` columns are read as text; SFT data is rendered as prompt + response.
+    Plain text (.txt, `text` columns) is scored on its own tokens (`encode_text`): nothing a chat model
+    learns about ending a turn moves the figure. SFT data is rendered as in training, prompt tokens scored too.
     """
     path = data.default_retention_path() if source in ("", "default") else source
     records = data.load_records(str(path))[: max_samples or None]
-    items = []
+    items, kinds = [], set()
     for ex in data.to_examples(records):
-        tok = data.tokenize_example(tokenizer, ex, NO_LIMIT)
-        if tok is None:
-            continue
-        ids = tok["input_ids"]
+        if ex.messages is None:
+            ids = encode_text(tokenizer, ex.text)
+        else:
+            tok = data.tokenize_example(tokenizer, ex, NO_LIMIT)
+            if tok is None:
+                continue
+            ids = tok["input_ids"]
+        kinds.add(SCORED_TEXT if ex.messages is None else SCORED_SFT)
         for start in range(0, len(ids), max_len):
             chunk = ids[start : start + max_len]
             if len(chunk) > 1:
                 items.append({"input_ids": chunk, "labels": list(chunk)})
     if not items:
         raise UsageError(f"retention data {source} has no text to score")
-    return items
+    return RetentionCorpus(items, "; ".join(sorted(kinds, reverse=True)))
+
+
+def retention_items(tokenizer, source: str, max_len: int, max_samples: int | None = None) -> list[dict]:
+    """The windows of `retention_corpus`."""
+    return retention_corpus(tokenizer, source, max_len, max_samples).items
 
 
 def corpus_names(sources, default_name: str = "retention") -> list[str]:
@@ -152,10 +183,13 @@ class RetentionProbe:
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batches = {
-            name: batches(retention_items(tokenizer, p, max_len), batch_size, pad)
-            for name, p in zip(corpus_names(paths), paths)
-        }
+        corpora = {name: retention_corpus(tokenizer, p, max_len) for name, p in zip(corpus_names(paths), paths)}
+        self.batches = {name: batches(c.items, batch_size, pad) for name, c in corpora.items()}
+        self.scored = {name: c.scored for name, c in corpora.items()}  # which tokens each figure covers
+
+    def describe(self) -> dict:
+        """For metrics.jsonl and summary.json: the metric's version and the tokens scored per corpus."""
+        return {"retention_metric": RETENTION_METRIC, "retention_scored": dict(self.scored)}
 
     def measure(self, model, accelerator=None, prefix: str = "retention") -> dict[str, float]:
         """{prefix}_loss/<name> and {prefix}_ppl/<name> per corpus; the model's train/eval mode is restored."""

@@ -2,7 +2,8 @@
 
 Task gain = base task loss - run task loss (higher is better); retention cost = relative rise of the
 retention perplexity in percent, averaged over retention corpora (lower is better). A configuration is
-Pareto-optimal when no other has at least its gain and at most its cost, one of them strictly.
+Pareto-optimal when no other has at least its gain and at most its cost, one of them strictly. The sweep file's
+`compare` pairs get their differences paired by seed with a 95% Student t interval (fnscale.eval.stats).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
+from fnscale.eval.stats import METHOD, paired_difference
 from fnscale.runtime.atomic import atomic_path, finite, write_json, write_text
 
 PLOT = "pareto.png"
@@ -79,6 +81,19 @@ def summarise(rows: list[dict], order: list[str], corpora: list[str], reference:
     return configs
 
 
+def comparisons(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """For each pair (a, b): a - b in task gain and in retention cost, paired by seed (see fnscale.eval.stats)."""
+    out = []
+    for a, b in pairs:
+        by_seed = {name: {r["seed"]: r for r in rows if r["name"] == name} for name in (a, b)}
+        entry = {"a": a, "b": b, "method": METHOD}
+        for metric in ("task_gain", "retention_cost_pct"):
+            values = {name: {seed: r[metric] for seed, r in runs.items()} for name, runs in by_seed.items()}
+            entry[metric] = paired_difference(values[a], values[b])
+        out.append(entry)
+    return out
+
+
 def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -107,19 +122,58 @@ def markdown(rep: dict) -> str:
     notes = [
         f"# Sweep: {rep['sweep']}", "",
         ("Mean ± sample standard deviation over seeds. Task gain = base task loss - task loss (higher is better); "
-         "retention cost = rise of retention perplexity vs the base, in percent (lower is better). "
+         "retention cost = rise of retention perplexity vs the base, in percent (lower is better); retention "
+         f"metric `{base.get('retention_metric', 'retention/1')}` (plain text scored on its own tokens, no EOS or "
+         "end-of-turn token; SFT data as rendered for training). "
          "Pareto: no other configuration has at least its mean gain and at most its mean cost."), "",
         *lines, "",
     ]
     if has_ref:
         notes += [f"gain / ref and cost / ref: shares of `{rep['reference']}`'s mean gain and mean cost.", ""]
+    if rep.get("comparisons"):
+        notes += comparison_table(rep["comparisons"])
     if rep["missing"]:
         notes += [f"Not finished ({len(rep['missing'])}): {', '.join(rep['missing'])}.", ""]
     return "\n".join(notes)
 
 
+def comparison_table(comps: list[dict]) -> list[str]:
+    """Markdown lines: the paired differences A - B, each with its 95% interval and whether it excludes 0."""
+    lines = [
+        "## Paired comparisons", "",
+        ("A - B over the seeds both finished (runs of one seed share data order and initial state); 95% interval from "
+         "Student's t with n-1 degrees of freedom. Task gain: higher is better, so a positive difference favours A; "
+         "retention cost (percentage points): lower is better, so a negative difference favours A. "
+         "Shown: the interval excludes 0; otherwise the difference is not shown, whatever its sign."), "",
+        "| A - B | seeds | task gain diff [95% CI] | shown | retention cost diff, points [95% CI] | shown |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for c in comps:
+        g, k = c["task_gain"], c["retention_cost_pct"]
+        lines.append(f"| {c['a']} - {c['b']} | {max(g['n'], k['n'])} | {_interval(g, '+.3f')} | {_shown(g)} | "
+                     f"{_interval(k, '+.2f')} | {_shown(k)} |")
+    return lines + [""]
+
+
+def _interval(d: dict, spec: str) -> str:
+    if d["mean"] is None:
+        return "n/a"
+    if d["low"] is None:
+        return f"{d['mean']:{spec}} (one seed: no interval)"
+    return f"{d['mean']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}]"
+
+
+def _shown(d: dict) -> str:
+    return "n/a" if d["excludes_zero"] is None else "**yes**" if d["excludes_zero"] else "not shown"
+
+
 def _share(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def front_line(configs: list[dict]) -> list[tuple[float, float]]:
+    """The Pareto-optimal configurations' (mean cost, mean gain), by rising cost: the front the plot draws as a line."""
+    return sorted((c["retention_cost_pct"]["mean"], c["task_gain"]["mean"]) for c in configs if c["pareto"])
 
 
 def plot(rep: dict, target: Path) -> None:
@@ -141,9 +195,9 @@ def plot(rep: dict, target: Path) -> None:
             continue
         ax.errorbar(k["mean"], g["mean"], xerr=k["sd"] or 0, yerr=g["sd"] or 0, fmt="*" if c["pareto"] else "o",
                     markersize=14 if c["pareto"] else 7, color=color, capsize=3, label=c["name"] + (" (Pareto)" if c["pareto"] else ""))
-    front = sorted((c["retention_cost_pct"]["mean"], c["task_gain"]["mean"]) for c in rep["configs"] if c["pareto"])
+    front = front_line(rep["configs"])
     if len(front) > 1:
-        ax.plot(*zip(*front), "--", color="gray", linewidth=1)
+        ax.plot(*zip(*front), "-", color="gray", linewidth=1.2, zorder=0, label="Pareto front")
     ax.scatter([0], [0], marker="x", color="black", label="base model")
     ax.set_xlabel("retention cost: perplexity rise vs base (%)  [lower is better]")
     ax.set_ylabel("task gain: base loss - loss  [higher is better]")
@@ -163,6 +217,7 @@ def write_all(sweep, base: dict, done: dict[str, dict | None], out: Path) -> dic
         "missing": [run_id for run_id, d in done.items() if d is None],
         "runs": rows,
         "configs": summarise(rows, [name for name, _ in sweep.configs], list(base["retention_ppl"]), sweep.reference),
+        "comparisons": comparisons(rows, getattr(sweep, "compare", [])),
     }
     files = {"json": str(out / "sweep.json"), "markdown": str(out / "sweep.md"), "plot": str(out / PLOT)}
     rep["files"] = files

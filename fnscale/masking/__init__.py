@@ -1,5 +1,8 @@
 """Apply functional-network masks to a Hugging Face causal LM, and keep masked weights untouched.
 
+In your own training loop, use `fnscale.freeze_networks` (`freeze`, docs/api.md): it wires these pieces as
+`fnscale train` does, with update masks by default. The lower-level recipe below shows forward masks.
+
 One module per job: `fnscale.models.mlp` finds the MLPs, `build` makes masks from selected neurons, `apply`
 puts them on the model (hooks, compact MLP, Triton dispatch), `guard` keeps masked weights untouched, and
 `setup` wires them into training (templates, masks built on the main process and broadcast, the guard).

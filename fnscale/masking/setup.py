@@ -91,7 +91,7 @@ def setup_masks(cfg, model, accelerator, templates: Templates) -> Masker:
     """Everything before `accelerator.prepare`: masks (main process, broadcast), weight guard, gradient holds.
 
     `templates`: loaded from --ica-template-path or computed in the run by the train recipe."""
-    ids = parse_component_ids(cfg.ica_component_ids)
+    ids = parse_component_ids(cfg.ica_component_ids, templates)
     layers = find_mlp_layers(model)
     site = templates.site
     width = layers[0].width if site == "intermediate" else layers[0].hidden

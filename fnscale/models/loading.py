@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fnscale.errors import UsageError
-from fnscale.models.paths import DEFAULT_MODEL, DEFAULT_NAME, converted_folder, default_gguf_path
+from fnscale.models.paths import DEFAULT_MODEL, DEFAULT_NAME, check_hub_model, converted_folder, default_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def resolve_model(name_or_path: str | None, gguf_file: str | None = None) -> Mod
     if gguf_file:
         gpath = path / gguf_file if path.is_dir() else None
         if gpath is None or not gpath.is_file():
+            check_hub_model(name_or_path, gguf_file)  # uncached and offline: one line now, not minutes of retries
             gpath = _hub_file(name_or_path, gguf_file)
         return ModelSource(str(convert_gguf(Path(gpath))), Path(gguf_file).stem)
     if path.exists():
@@ -127,6 +128,7 @@ def resolve_model(name_or_path: str | None, gguf_file: str | None = None) -> Mod
         return ModelSource(str(path), path.name)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UsageError(f"model folder {name_or_path} not found; check the path")
+    check_hub_model(name_or_path)  # uncached and offline: one line now, not minutes of retries
     return ModelSource(name_or_path, name_or_path)
 
 

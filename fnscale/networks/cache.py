@@ -4,8 +4,8 @@ With a cache, template building runs one forward pass (statistics + PCA, keeping
 projects the kept activations afterwards; without one it recomputes the forward pass for the projection.
 `--cache-budget-gb auto` (the default) caches when the activations fit in `AUTO_SHARE` of the memory
 available after the model is loaded, split over the processes of this machine (the cache lives in host
-memory on every device: captured activations are copied to the CPU). A number is an explicit budget in
-GB per process; 0 turns the cache off.
+memory on every device: activations are encoded where they were computed and only their float16 values are
+copied to the CPU). A number is an explicit budget in GB per process; 0 turns the cache off.
 
 Storage is float16 with a power-of-two scale per neuron per batch: values are divided by 2^e so the
 largest |value| of each neuron lands in [2^14, 2^15), below fp16's 65504. That keeps fp16's 11-bit
@@ -20,7 +20,7 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from fnscale.errors import UsageError
 
@@ -48,7 +48,8 @@ def available_memory_bytes() -> int:
     import psutil
 
     avail = int(psutil.virtual_memory().available)
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    cgroup_files = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+    for limit_file, usage_file in cgroup_files:
         try:
             limit = int(Path("/sys/fs/cgroup", limit_file).read_text().strip())
             used = int(Path("/sys/fs/cgroup", usage_file).read_text().strip())
@@ -73,7 +74,8 @@ def plan_cache(budget, n_tokens: int, n_neurons: int, passes_after_first: int) -
     if gb is None:
         avail, procs = available_memory_bytes(), local_processes()
         allowed = AUTO_SHARE * avail / procs
-        why = f"{AUTO_SHARE:.0%} of {avail / 2**30:.2f} GB available" + (f" / {procs} local processes" if procs > 1 else "")
+        why = f"{AUTO_SHARE:.0%} of {avail / 2**30:.2f} GB available"
+        why += f" / {procs} local processes" if procs > 1 else ""
     else:
         allowed, why = gb * 2**30, "--cache-budget-gb" if gb > 0 else "--cache-budget-gb 0: cache off"
     use = 0 < need <= allowed
@@ -85,13 +87,17 @@ def plan_cache(budget, n_tokens: int, n_neurons: int, passes_after_first: int) -
     return use
 
 
-def encode(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 tokens x neurons -> (float16 values, float32 per-neuron power-of-two scale)."""
-    peak = np.abs(acts).max(axis=0) if len(acts) else np.zeros(acts.shape[1], np.float32)
-    _, exp = np.frexp(np.where(np.isfinite(peak), peak, 0.0))  # peak < 2^exp
-    scale = np.ldexp(np.float32(1.0), exp - 15).astype(np.float32)
-    return (acts / scale).astype(np.float16), scale
+def encode(acts) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 tokens x neurons (a tensor on any device) -> (float16 values, float32 per-neuron power-of-two
+    scale), both in host memory. Encoded where the activations are, so only the float16 values cross to the host."""
+    acts = torch.as_tensor(acts)
+    peak = acts.abs().amax(0) if len(acts) else acts.new_zeros(acts.shape[1])
+    _, exp = torch.frexp(torch.where(torch.isfinite(peak), peak, 0.0))  # peak < 2^exp
+    # 2^(exp-15) built from its bits, so it is exact; the clamp keeps it a normal float32 for the tiniest peaks
+    scale = ((exp.clamp(-111, 142) - 15 + 127).to(torch.int32) << 23).view(torch.float32)
+    return (acts / scale).half().cpu(), scale.cpu()
 
 
-def decode(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return values.astype(np.float32) * scale
+def decode(values: torch.Tensor, scale: torch.Tensor, device=None) -> torch.Tensor:
+    """The float32 activations back, on `device` (only the float16 values are copied there)."""
+    return values.to(device).float() * scale.to(device)

@@ -11,7 +11,6 @@ parameter gathers, accelerate's offload hooks).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fnscale.errors import UsageError
@@ -23,7 +22,7 @@ class _Captured(Exception):
 
 
 class ActivationCapture:
-    """Context manager: while active, `run(batch)` returns tokens x (layers*width) float32 activations."""
+    """Context manager: while active, `run(batch)` returns tokens x (layers*width) float32 activations (a tensor)."""
 
     def __init__(self, model, site: str = "intermediate", layers: list[int] | None = None, stop_early: bool = True):
         if site not in SITES:
@@ -71,8 +70,9 @@ class ActivationCapture:
         return hook
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        """One forward pass; the kept tokens' activations, layers concatenated in `self.layers` order."""
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One forward pass; the kept tokens' activations (tokens x layers*width, float32), layers concatenated in
+        `self.layers` order, on the device of the first captured layer: they stay where they were computed."""
         self._store.clear()
         self._stopping = self.stop_early
         try:
@@ -82,11 +82,12 @@ class ActivationCapture:
         finally:
             self._stopping = False
         keep = attention_mask.reshape(-1).bool()
+        device = self._store[0].device
         parts = []
         for pos in range(len(self._mlps)):
             act = self._store[pos]
-            parts.append(act.reshape(-1, act.shape[-1])[keep.to(act.device)].float().cpu())
-        return torch.cat(parts, dim=1).numpy()
+            parts.append(act.reshape(-1, act.shape[-1])[keep.to(act.device)].to(device))
+        return torch.cat(parts, dim=1).float()
 
     @torch.no_grad()
     def dummy(self, device) -> None:

@@ -29,4 +29,5 @@ def random_templates(like: Templates, seed: int) -> Templates:
     rng = np.random.default_rng(seed)
     components = {c: _draw(rng, by_layer, like.neurons_per_layer) for c, by_layer in sorted(like.components.items())}
     name = f"random control of {like.name or like.model or 'templates'} (seed {seed})"
-    return dataclasses.replace(like, components=components, loadings=None, name=name, control={"kind": "random", "seed": int(seed)})
+    return dataclasses.replace(like, components=components, loadings=None, name=name, control={"kind": "random", "seed": int(seed)},
+                               selection=None, ranking=None)  # like's ranking measured like's neurons, not these

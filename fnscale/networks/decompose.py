@@ -36,7 +36,7 @@ import numpy as np
 
 from fnscale.errors import UsageError
 from fnscale.networks.ica import fast_ica
-from fnscale.networks.pca import IncrementalPCA, PCAState, resolve_backend
+from fnscale.networks.pca import IncrementalPCA, PCAState
 from fnscale.networks.stats import RunningStats, as_2d, merge_across_ranks
 
 KINDS = ("temporal", "spatial")
@@ -77,7 +77,9 @@ def _check_args(n_components, percentile, kind) -> None:
     except (TypeError, ValueError):
         p = float("nan")
     if not 0.0 < p < 100.0:
-        raise UsageError(f"percentile must be between 0 and 100 (exclusive), got {percentile!r}; 98 keeps ~2% of neurons")
+        raise UsageError(
+            f"percentile must be between 0 and 100 (exclusive), got {percentile!r}; 98 keeps ~2% of neurons"
+        )
     if kind not in KINDS:
         raise UsageError(f"unknown ICA kind {kind!r}; use 'temporal' or 'spatial'")
 
@@ -111,8 +113,6 @@ class StreamingDecomposer:
         self._pca_kwargs = dict(oversample=oversample, backend=backend, device=device, chunk_size=chunk_size)
         IncrementalPCA(1, **self._pca_kwargs)  # refuse an unknown/unavailable backend before any pass
         self.fold_stats = bool(fold_stats)
-        if self.fold_stats and resolve_backend(backend) == "cuml":
-            self._pca_kwargs["backend"] = "torch"  # the folded pass rescales its state in place; cuML's estimator cannot
         self.stats_ = RunningStats()
         self.pca_: IncrementalPCA | None = None
         self._projector = None
@@ -218,7 +218,10 @@ class StreamingDecomposer:
     def _check_sizes(self, n_tokens: int, n_neurons: int) -> None:
         k = self.n_components
         if n_tokens <= k:
-            raise UsageError(f"n_components={k} needs more tokens than components, got {n_tokens} tokens; use more samples or fewer components")
+            raise UsageError(
+                f"n_components={k} needs more tokens than components, got {n_tokens} tokens; "
+                "use more samples or fewer components"
+            )
         if n_neurons < k:
             raise UsageError(f"n_components={k} is more than the {n_neurons} neurons captured; use fewer components")
 
@@ -256,9 +259,13 @@ class StreamingDecomposer:
         if self.kind == "temporal":
             if Z is None:
                 raise UsageError("temporal ICA needs the projected tokens: pass Z from project() (pass 3)")
-            Z = np.concatenate([np.asarray(z, dtype=np.float64).reshape(-1, k) for z in _flatten(Z)] or [np.zeros((0, k))])
+            parts = [np.asarray(z, dtype=np.float64).reshape(-1, k) for z in _flatten(Z)]
+            Z = np.concatenate(parts or [np.zeros((0, k))])
             if Z.shape != (n, k):
-                raise UsageError(f"Z must be {n} tokens x {k} components (all ranks), got {Z.shape}; the batches changed between passes")
+                raise UsageError(
+                    f"Z must be {n} tokens x {k} components (all ranks), got {Z.shape}; "
+                    "the batches changed between passes"
+                )
             ica = fast_ica(Z, seed=self.seed, max_iter=self.max_iter, tol=self.tol)
             maps = V.T @ ica.mixing_  # D x k; columns of A
             variance = (maps**2).sum(axis=0)
@@ -289,7 +296,8 @@ class StreamingDecomposer:
             kind=self.kind,
             percentile=self.percentile,
             converged=ica.converged_,
-            extra={"ica_n_iter": ica.n_iter_, "pca_singular_values": st.singular_values_[:k], "backend": self.pca_.backend_},
+            extra={"ica_n_iter": ica.n_iter_, "pca_singular_values": st.singular_values_[:k],
+                   "backend": self.pca_.backend_},
         )
 
 

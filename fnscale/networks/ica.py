@@ -51,7 +51,9 @@ def fast_ica(
     if not 1 <= k <= f:
         raise UsageError(f"ICA needs 1 <= n_components <= {f} features, got {k}")
     if n <= k:
-        raise UsageError(f"ICA of {k} components needs more than {k} samples, got {n}; use more data or fewer components")
+        raise UsageError(
+            f"ICA of {k} components needs more than {k} samples, got {n}; use more data or fewer components"
+        )
     mean = X.mean(axis=0)
     Xc = X - mean
     lam, E = np.linalg.eigh(Xc.T @ Xc / (n - 1))

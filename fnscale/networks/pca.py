@@ -15,13 +15,16 @@ cosines >= 0.99 against an exact SVD).
 
 Backends run the same update: `numpy` (float64, CPU; `sklearn` is accepted as an alias, the
 name it had because it is scikit-learn's algorithm), `torch` (CUDA when present, also CPU), `cuml` (RAPIDS
-`IncrementalPCA` on the GPU, imported lazily). Exported states are always numpy float64, and
-merging them (`merge`, `stats.merge_across_ranks`) always runs on the CPU, so every rank gets
+`IncrementalPCA` on the GPU, imported lazily). With cuML, a fresh cuML estimator fits each batch and fnscale
+merges the batch's state into the running one (on the torch device), so rescaling between batches (the folded
+statistics pass) and merging across ranks work the same for every backend. Exported states are always numpy
+float64, and merging them (`merge`, `stats.merge_across_ranks`) always runs on the CPU, so every rank gets
 bit-identical results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -32,6 +35,9 @@ from fnscale.errors import UsageError
 from fnscale.networks.stats import as_2d, merge_across_ranks, torch_all_gather  # noqa: F401 (re-export)
 
 BACKENDS = PCA_BACKENDS
+# Fewest rows per update: on the CPU the per-row cost ~ (k' + chunk)^2 / chunk x D is smallest near chunk = k';
+# on a GPU each update is a handful of kernels and a host sync (the rank of the update), so larger chunks keep it busy.
+MIN_CHUNK_CPU, MIN_CHUNK_GPU = 64, 1024
 
 
 # ----------------------------------------------------------------------------- array ops
@@ -93,8 +99,8 @@ class _TorchOps:
 
     def asarray(self, x):
         t = self.torch
-        if not isinstance(x, t.Tensor):
-            x = t.as_tensor(np.asarray(x))
+        if not isinstance(x, t.Tensor):  # a GPU array (cuML's results) is wrapped without a copy
+            x = t.as_tensor(x) if hasattr(x, "__cuda_array_interface__") else t.as_tensor(np.asarray(x))
         return x.detach().to(self.device, self.dtype)
 
     def to_numpy(self, x):
@@ -238,13 +244,18 @@ def merge(a: PCAState, b: PCAState) -> PCAState:
 # ----------------------------------------------------------------------------- backends
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _cuml_available() -> bool:
     try:
         import cuml  # noqa: F401
-        import torch
     except Exception:  # noqa: BLE001 - a broken RAPIDS install counts as absent
         return False
-    return torch.cuda.is_available()
+    return _cuda_available()
 
 
 def resolve_backend(backend: str) -> str:
@@ -256,9 +267,7 @@ def resolve_backend(backend: str) -> str:
     if name == "auto":
         if _cuml_available():
             return "cuml"
-        import torch
-
-        return "torch" if torch.cuda.is_available() else "numpy"
+        return "torch" if _cuda_available() else "numpy"
     if name == "cuml" and not _cuml_available():
         raise UsageError(
             "--pca-backend cuml needs RAPIDS cuML and a CUDA GPU, and they were not found; "
@@ -277,8 +286,9 @@ class IncrementalPCA:
 
     `shift`/`scale` (D-vectors) are applied to every input row first, `(x - shift) * scale`,
     so standardisation happens per chunk on the backend's device and X never needs a
-    standardised copy. Rows are consumed in chunks of `chunk_size` (default 2 k', min 64):
-    the per-row cost of the update is ~ (k' + chunk)^2 / chunk x D, smallest near chunk = k'.
+    standardised copy. Rows are consumed in chunks of `chunk_size` (default 2 k', at least
+    `MIN_CHUNK_CPU` rows on the CPU and `MIN_CHUNK_GPU` on a GPU). Torch tensors on the backend's
+    device are used where they are: activations on a GPU stay there.
 
     Distributed use: each rank calls `partial_fit` on its share, then
     `ipca.set_state(merge_across_ranks(ipca.get_state(), gather_fn))`.
@@ -304,16 +314,14 @@ class IncrementalPCA:
         self.oversample = int(oversample)
         self.keep = self.n_components + self.oversample
         self.backend_ = resolve_backend(backend)
-        self.chunk_size = int(chunk_size or max(2 * self.keep, 64))
-        # cuML fits; projection and the native state of the other two run on these ops.
-        if self.backend_ == "numpy":
-            self._ops = _NumpyOps()
-        else:
-            self._ops = _TorchOps(device, dtype)
+        # numpy: the CPU; torch and cuML: torch ops on `device` (CUDA when present) hold the state and project.
+        self._ops = _NumpyOps() if self.backend_ == "numpy" else _TorchOps(device, dtype)
+        on_gpu = self.backend_ != "numpy" and self._ops.device.type != "cpu"
+        self.chunk_size = int(chunk_size or max(2 * self.keep, MIN_CHUNK_GPU if on_gpu else MIN_CHUNK_CPU))
         self._shift = None if shift is None else self._ops.asarray(shift)
         self._scale = None if scale is None else self._ops.asarray(scale)
-        self._cuml = _CumlFitter(self) if self.backend_ == "cuml" else None
         self._native = None  # (n, mean, S, V, m2) in the ops' arrays
+        self._width = None  # neurons per row, fixed by the first batch
 
     # -- fitting
 
@@ -328,27 +336,37 @@ class IncrementalPCA:
     def partial_fit(self, X) -> IncrementalPCA:
         """Fold rows of X (tokens x neurons; numpy or torch, any float dtype) into the state."""
         X = as_2d(X)
+        if not X.shape[0]:
+            return self
+        width = int(X.shape[1])
+        if self._width is not None and width != self._width:
+            raise UsageError(
+                f"batch has {width} neurons but earlier batches had {self._width}; "
+                "capture the same layers for every batch"
+            )
+        self._width = width
+        if self.backend_ == "cuml":  # near-equal chunks: cuML keeps as many directions as the smallest has rows
+            n = int(X.shape[0])
+            parts = math.ceil(n / self.chunk_size)
+            cuts = [n * i // parts for i in range(parts + 1)]
+            chunks = (self._prep(X[a:b]) for a, b in zip(cuts, cuts[1:]))
+            self._absorb(_cuml_fit(chunks, min(cuts[1], width), self._ops))
+            return self
         for start in range(0, X.shape[0], self.chunk_size):
-            chunk = X[start : start + self.chunk_size]
-            if self._cuml is not None:
-                self._cuml.add(chunk)
-            else:
-                self._fold(self._prep(chunk))
+            self._fold(self._prep(X[start : start + self.chunk_size]))
         return self
 
     def _fold(self, x):
-        m = x.shape[0]
-        if self._native is not None and x.shape[1] != self._native[1].shape[0]:
-            raise UsageError(
-                f"batch has {x.shape[1]} neurons but earlier batches had {self._native[1].shape[0]}; "
-                "capture the same layers for every batch"
-            )
+        """Fold one chunk of prepared rows into the state (the stacked update)."""
         mu = x.mean(0)
         xc = x - mu
-        b = (m, mu, xc, float((xc * xc).sum()))
+        self._absorb((x.shape[0], mu, xc, float((xc * xc).sum())))
+
+    def _absorb(self, b):
+        """Merge b = (n, mean, rows whose Gram is b's centred scatter, m2) into the state."""
         if self._native is None:
-            n, mean, sv, m2 = b
-            s, v = _top_svd(self._ops, sv, self.keep)
+            n, mean, rows, m2 = b
+            s, v = _top_svd(self._ops, rows, self.keep)
             self._native = (n, mean, s, v, m2)
             return
         n, mean, s, v, m2 = self._native
@@ -363,8 +381,8 @@ class IncrementalPCA:
         standardisation of `StreamingDecomposer(fold_stats=True)` relies on this. `total_m2_` becomes
         an estimate (the caller that knows the exact value sets it).
         """
-        if self._cuml is not None or self._shift is not None:
-            raise RuntimeError("rescale needs the numpy or torch backend and no shift")
+        if self._shift is not None:
+            raise RuntimeError("rescale needs a state fitted without a shift")
         new = self._ops.asarray(scale)
         if self._native is not None:
             n, mean, s, v, m2 = self._native
@@ -382,8 +400,6 @@ class IncrementalPCA:
 
     def get_state(self) -> PCAState:
         """The current state as numpy float64 (picklable, mergeable)."""
-        if self._cuml is not None:
-            return self._cuml.state()
         if self._native is None:
             return PCAState(self.keep)
         n, mean, s, v, m2 = self._native
@@ -392,9 +408,6 @@ class IncrementalPCA:
 
     def set_state(self, state: PCAState) -> IncrementalPCA:
         """Replace the state (e.g. with the all-rank merge); fitting may continue afterwards."""
-        if self._cuml is not None:
-            self._cuml = _CumlFitter(self, base=state)
-            return self
         if state.n_samples_seen_ == 0:
             self._native = None
             return self
@@ -406,6 +419,7 @@ class IncrementalPCA:
             a(state.components_),
             state.total_m2_,
         )
+        self._width = state.n_features
         return self
 
     # -- fitted attributes (top n_components of the state)
@@ -432,7 +446,7 @@ class IncrementalPCA:
     # -- projection (pass 3)
 
     def projector(self, n_components: int | None = None):
-        """A function x -> (prep(x) - mean) V_k^T as numpy float64 (tokens x k), on the backend's device."""
+        """A function x -> (prep(x) - mean) V_k^T as numpy float64 (tokens x k), computed on the backend's device."""
         st = self._fitted()
         k = n_components or self.n_components
         ops = self._ops
@@ -440,8 +454,11 @@ class IncrementalPCA:
 
         def project(x):
             x = as_2d(x)
-            out = [ops.to_numpy((self._prep(x[i : i + self.chunk_size]) - mean) @ vt) for i in range(0, x.shape[0], self.chunk_size)]
-            return np.concatenate(out, axis=0) if out else np.zeros((0, vt.shape[1]))
+            if not x.shape[0]:
+                return np.zeros((0, vt.shape[1]))
+            step = self.chunk_size
+            z = [(self._prep(x[i : i + step]) - mean) @ vt for i in range(0, x.shape[0], step)]
+            return ops.to_numpy(ops.cat(z))
 
         return project
 
@@ -449,51 +466,34 @@ class IncrementalPCA:
         return self.projector()(X)
 
 
-class _CumlFitter:
-    """Feeds chunks to cuML's IncrementalPCA (which needs >= k' rows per call) and exports its state.
-
-    Rows left over at export (fewer than k') and a `base` state set earlier are folded in with
-    the numpy merge, so the exported state covers every row.
-    """
-
-    def __init__(self, owner: IncrementalPCA, base: PCAState | None = None):
+def _to_cuml(x):
+    """A torch tensor as cuML input without a copy: cupy (DLPack) on a GPU, numpy on the CPU."""
+    if x.is_cuda:
         import cupy
-        from cuml.decomposition import IncrementalPCA as CumlIPCA
 
-        self.cupy, self.owner = cupy, owner
-        self.est = CumlIPCA(n_components=owner.keep, output_type="numpy")
-        self.fitted = False
-        self.base = base or PCAState(owner.keep)
-        self.pending: list = []
-        self.n_pending = 0
+        return cupy.from_dlpack(x)
+    return x.numpy()
 
-    def add(self, chunk) -> None:
-        x = self.cupy.asarray(self.owner._prep(chunk))  # torch CUDA tensor -> cupy, zero-copy
-        self.pending.append(x)
-        self.n_pending += x.shape[0]
-        if self.n_pending >= self.owner.keep:
-            self.est.partial_fit(self.cupy.concatenate(self.pending, axis=0))
-            self.fitted = True
-            self.pending, self.n_pending = [], 0
 
-    def state(self) -> PCAState:
-        keep = self.owner.keep
-        st = self.base
-        if self.fitted:
-            n = int(self.est.n_samples_seen_)
-            st = merge(
-                st,
-                PCAState(
-                    keep,
-                    n,
-                    np.asarray(self.est.mean_, dtype=np.float64),
-                    np.asarray(self.est.components_, dtype=np.float64),
-                    np.asarray(self.est.singular_values_, dtype=np.float64),
-                    float(np.asarray(self.est.var_, dtype=np.float64).sum()) * n,
-                ),
-            )
-        if self.pending:
-            rows = self.cupy.asnumpy(self.cupy.concatenate(self.pending, axis=0)).astype(np.float64)
-            tail = IncrementalPCA(keep, oversample=0, backend="numpy", chunk_size=max(keep, 64))
-            st = merge(st, replace(tail.partial_fit(rows).get_state(), n_components=keep))
-        return st
+def _cuml_fit(chunks, n_components: int, ops):
+    """(n, mean, S V rows, m2) of one batch, fitted chunk by chunk by a fresh cuML IncrementalPCA, as `ops` arrays.
+
+    cuML updates with an exact SVD of the stacked [S V; chunk; mean correction] (scikit-learn's update, no Gram
+    matrix). It needs at least `n_components` rows per call, so the batch comes in near-equal chunks and it keeps
+    as many directions as the smallest chunk has rows (>= k', or all of a short batch): merging its state into
+    the running one (`IncrementalPCA._absorb`) truncates no more than the numpy path does.
+    """
+    from cuml.decomposition import IncrementalPCA as CumlIPCA
+
+    on = contextlib.nullcontext()
+    if ops.device.type == "cuda":  # cuML computes on cupy's current device: make it the tensors' device
+        import cupy
+
+        on = cupy.cuda.Device(ops.device.index if ops.device.index is not None else ops.torch.cuda.current_device())
+    with on:
+        est = CumlIPCA(n_components=n_components, output_type="input")
+        for x in chunks:
+            est.partial_fit(_to_cuml(x))
+    n = int(est.n_samples_seen_)
+    mean, s, v, var = (ops.asarray(a) for a in (est.mean_, est.singular_values_, est.components_, est.var_))
+    return n, mean, s[:, None] * v, float(var.sum()) * n  # var_: the ddof=0 variance of the batch

@@ -62,6 +62,8 @@ class Templates:
     name: str | None = None
     source_format: str = "fnscale"
     control: dict | None = None  # set on random controls: {"kind": "random", "seed": S}
+    selection: dict | None = None  # set by `templates select`: how the neurons were chosen (selector, data, counts, seed)
+    ranking: dict | None = None  # set by `templates rank`: loss rise per lesioned component (see fnscale.networks.keys)
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -162,6 +164,8 @@ class Templates:
             "imported_from": None if self.source_format == "fnscale" else self.source_format,
             "components": comps,
             **({"control": self.control} if self.control else {}),
+            **({"selection": self.selection} if self.selection else {}),
+            **({"ranking": self.ranking} if self.ranking else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -238,6 +242,8 @@ class Templates:
             loadings=loads or None,
             source_format=d.get("imported_from") or "fnscale",
             control=d.get("control"),
+            selection=d.get("selection"),
+            ranking=d.get("ranking"),
         )
 
     @classmethod
@@ -329,6 +335,23 @@ class Templates:
     def save_heatmap(self, path: str | os.PathLike) -> Path:
         """PNG heatmap: components x layers, colour = share of the layer's neurons selected."""
         return _save_heatmap(self, path)
+
+
+def ranking_table(t: Templates) -> str:
+    """The ranking `templates rank` recorded, most important first ("" when the file is not ranked)."""
+    if not t.ranking:
+        return ""
+    r = t.ranking
+    lines = [
+        f"key networks: loss rise when each component is lesioned at inference on {', '.join(r['data'])} "
+        f"({r['tokens']} scored tokens, base loss {r['base_loss']:.4f}), against {r['random_draws']} random lesions "
+        f"of the same size per layer (seed {r['seed']})",
+        f"{'rank':>4} {'comp':>5} {'neurons':>8} {'loss rise':>10} {'random rise':>12} {'ratio':>7}",
+    ]
+    for k, c in enumerate(r["components"], 1):
+        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        lines.append(f"{k:>4} {c['id']:>5} {c['neurons']:>8} {c['rise']:>+10.4f} {c['random_rise']:>+12.4f} {ratio:>7}")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- comparison

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from fnscale import data
@@ -36,28 +38,71 @@ def _batches(samples: Sequence[list[int]], batch_size: int, pad_id: int, device)
         yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
-class _ActivationPasses:
-    """This rank's batches, one pass per call: fresh forwards, kept in memory during the first pass when
-    `keep` (see `cache`) and replayed from there afterwards; a rank out of batches does throw-away forwards."""
+@dataclass(frozen=True)
+class _Shard:
+    """This rank's samples (a strided share: every sample is processed exactly once overall) and how to batch them.
+    `n_steps` is the same on every rank, so ranks run the same number of forwards."""
 
-    def __init__(self, cap: ActivationCapture, samples, n_steps: int, batch_size: int, pad_id: int, device, keep: bool, show: bool):
-        self.cap, self.samples, self.n_steps, self.batch_size, self.pad_id, self.device = cap, samples, n_steps, batch_size, pad_id, device
-        self.show = show
-        self.cache: list[tuple[np.ndarray, np.ndarray] | None] | None = [] if keep else None
+    samples: list[list[int]]
+    n_steps: int
+    batch_size: int
+    pad_id: int
+    device: torch.device
 
-    def __call__(self, desc: str):
-        if self.cache is not None and len(self.cache) == self.n_steps:
-            yield from (None if c is None else cache.decode(*c) for c in self.cache)
-            return
-        it = _batches(self.samples, self.batch_size, self.pad_id, self.device)
-        for _ in tqdm(range(self.n_steps), desc=desc, disable=not self.show, leave=False):
-            b = next(it, None)
-            if b is None:
-                self.cap.dummy(self.device)
-            acts = None if b is None else self.cap.run(*b)
-            if self.cache is not None:
-                self.cache.append(None if acts is None else cache.encode(acts))
-            yield acts
+    @classmethod
+    def of(cls, samples: Sequence[list[int]], rank: int, world: int, batch_size: int, pad_id: int, device) -> _Shard:
+        n_steps = math.ceil(math.ceil(len(samples) / world) / batch_size)
+        return cls(list(samples[rank::world]), n_steps, batch_size, pad_id, torch.device(device))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One decomposition and the columns of the captured activations it reads (all layers, or one layer)."""
+
+    dec: StreamingDecomposer
+    cols: slice
+
+
+def _forwards(cap: ActivationCapture, shard: _Shard, desc: str, show: bool) -> Iterator[torch.Tensor | None]:
+    """One pass of fresh forwards: each batch's activations (on the device they were computed on); None for the
+    throw-away forward of a rank that is out of batches."""
+    batches = _batches(shard.samples, shard.batch_size, shard.pad_id, shard.device)
+    for _ in tqdm(range(shard.n_steps), desc=desc, disable=not show, leave=False):
+        b = next(batches, None)
+        if b is None:
+            cap.dummy(shard.device)
+        yield None if b is None else cap.run(*b)
+
+
+def _replay(kept: list, device) -> Iterator[torch.Tensor | None]:
+    """The activations the first pass kept (`cache`), decoded on `device`."""
+    for c in kept:
+        yield None if c is None else cache.decode(*c, device=device)
+
+
+def _fit_pass(parts: list[_Part], batches: Iterable, keep: bool) -> list | None:
+    """Pass 1 (every rank): statistics and PCA of each part, merged across ranks at the end. Returns the batches
+    encoded for the cache when `keep` (None otherwise)."""
+    kept = [] if keep else None
+    for acts in batches:
+        if kept is not None:
+            kept.append(None if acts is None else cache.encode(acts))
+        if acts is not None and len(acts):
+            for p in parts:
+                p.dec.update(acts[:, p.cols])
+    for p in parts:
+        p.dec.merge()
+    return kept
+
+
+def _project_pass(parts: list[_Part], batches: Iterable) -> list[np.ndarray]:
+    """Pass 2 (temporal ICA): this rank's tokens x k coordinates in each part's top-k principal directions."""
+    zs: list[list[np.ndarray]] = [[] for _ in parts]
+    for acts in batches:
+        if acts is not None and len(acts):
+            for z, p in zip(zs, parts):
+                z.append(p.dec.project(acts[:, p.cols]))
+    return [np.concatenate(z) if z else np.zeros((0, p.dec.n_components)) for z, p in zip(zs, parts)]
 
 
 def _plan_cache(budget, samples, cap: ActivationCapture, passes_after_first: int) -> bool:
@@ -66,7 +111,23 @@ def _plan_cache(budget, samples, cap: ActivationCapture, passes_after_first: int
     return all(torch_all_gather(fits))
 
 
-def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str, **meta) -> Templates:
+def _input_device(model, accelerator) -> torch.device:
+    """Where the model takes its inputs: its input embeddings' device (for a model split over devices, the first
+    one), wherever the accelerator is (a model may not be placed yet). Under ZeRO-3 (partitioned placeholders) and
+    for offloaded embeddings (on `meta`; accelerate's hooks move inputs), the accelerator's device."""
+    if accelerator is not None and zero_stage(accelerator) == 3:
+        return accelerator.device
+    try:
+        weight = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):  # e.g. a DDP wrapper, or a model without input embeddings
+        weight = next(model.parameters(), None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+        return accelerator.device if accelerator is not None else torch.device("cpu")
+    return weight.device
+
+
+def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str,
+                         **meta) -> Templates:
     """scope=layer: one decomposition per layer; its components are numbered on after the previous layer's."""
     comps, loads, total = {}, {}, 0
     for layer, res in zip(captured, results):
@@ -97,58 +158,55 @@ def build_templates(
     seed: int = 0,
     cache_budget_gb: float | str = "auto",
     accelerator=None,
+    device=None,
     progress: bool = True,
     model_name: str | None = None,
     **meta,
 ) -> Templates:
-    """Functional networks of `model` on tokenised `samples` (lists of token ids), sharded over ranks."""
+    """Functional networks of `model` on tokenised `samples` (lists of token ids), sharded over ranks.
+
+    `device`: where capture batches go (default: the device of the model's input embeddings, see `_input_device`).
+    Activations stay on the device they are computed on through the statistics and, with the torch or cuML
+    backend, the PCA, which runs on that device too.
+    """
     if not samples:
         raise UsageError("no samples to build templates from; check the data (zero examples after filtering)")
     if scope not in ("global", "layer"):
         raise UsageError(f"unknown scope {scope!r}; use global or layer")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    mine = list(samples[rank::world])  # strided shard: every sample is processed exactly once overall
-    n_steps = math.ceil(math.ceil(len(samples) / world) / batch_size)  # identical on every rank
+    device = torch.device(device) if device is not None else _input_device(model, accelerator)
+    shard = _Shard.of(samples, rank, world, batch_size, pad_id, device)
+    show = progress and rank == 0
 
     model.eval()
     # Stop each forward after the last captured layer, unless ZeRO-3 gathers or offload hooks need it to run to the end.
     stop_early = (accelerator is None or zero_stage(accelerator) != 3) and not getattr(model, "hf_device_map", None)
     with ActivationCapture(model, site, layers, stop_early=stop_early) as cap:
-        # Column slices (views, no copy) of each decomposition's neurons: all layers, or one layer each.
-        groups = [slice(None)] if scope == "global" else [slice(i * cap.width, (i + 1) * cap.width) for i in range(len(cap.layers))]
+        w = cap.width
+        columns = [slice(None)] if scope == "global" else [slice(i * w, (i + 1) * w) for i in range(len(cap.layers))]
         # oversample 20 (not 10): the folded pass truncates under running standardisations, per rank
-        decs = [StreamingDecomposer(n_components, percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20)
-                for _ in groups]
-        keep = _plan_cache(cache_budget_gb, mine, cap, decs[0].n_passes - 1)
-        stream = _ActivationPasses(cap, mine, n_steps, batch_size, pad_id, device, keep, progress and rank == 0)
-
-        def feed(desc: str, update) -> None:
-            """One pass: every rank-local batch to every decomposition, as update(index, decomposer, columns)."""
-            for acts in stream(desc):
-                if acts is not None and len(acts):
-                    for i, (dec, cols) in enumerate(zip(decs, groups)):
-                        update(i, dec, acts[:, cols])
-
+        opts = dict(percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20,
+                    device=device)
+        parts = [_Part(StreamingDecomposer(n_components, **opts), cols) for cols in columns]
+        keep = _plan_cache(cache_budget_gb, shard.samples, cap, parts[0].dec.n_passes - 1)
         # Pass 1: exact statistics and the PCA under a running standardisation, together; pass 2: projection.
-        feed("capture: statistics + PCA", lambda i, dec, x: dec.update(x))
-        for dec in decs:
-            dec.merge()
-        Zs: list[list[np.ndarray]] = [[] for _ in decs]
+        kept = _fit_pass(parts, _forwards(cap, shard, "capture: statistics + PCA", show), keep)
+        zs = None
         if kind == "temporal":
-            feed("capture: projection", lambda i, dec, x: Zs[i].append(dec.project(x)))
-        width, captured, num_layers = cap.width, list(cap.layers), cap.num_layers
+            again = _replay(kept, device) if kept is not None else _forwards(cap, shard, "capture: projection", show)
+            zs = _project_pass(parts, again)
+        captured, num_layers = list(cap.layers), cap.num_layers
 
     # FastICA once, on the main process; everyone gets the same masks.
-    gathered = [torch_all_gather(np.concatenate(z) if z else np.zeros((0, n_components))) for z in Zs] if kind == "temporal" else [None] * len(decs)
+    gathered = [torch_all_gather(z) for z in zs] if zs is not None else [None] * len(parts)
     result = None
     if rank == 0:
-        results = [dec.finish(z) for dec, z in zip(decs, gathered)]
+        results = [p.dec.finish(z) for p, z in zip(parts, gathered)]
         meta = {"site": site, "scope": scope, "num_layers": num_layers, "model": model_name, **meta}
         if scope == "global":
-            result = Templates.from_decomposition(results[0], captured, width, **meta)
+            result = Templates.from_decomposition(results[0], captured, w, **meta)
         else:
-            result = _per_layer_templates(results, captured, width, percentile=percentile, kind=kind, **meta)
+            result = _per_layer_templates(results, captured, w, percentile=percentile, kind=kind, **meta)
     return broadcast_from_main(result, accelerator)
 
 

@@ -10,18 +10,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import random
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fnscale import data
 from fnscale.config import EvalConfig, read_yaml
 from fnscale.errors import UsageError
 from fnscale.eval import report
-from fnscale.eval.scoring import corpus_loss, corpus_names, retention_items
+from fnscale.eval.scoring import RETENTION_METRIC, RetentionCorpus, corpus_loss, corpus_names, retention_corpus
 from fnscale.models import loading, placement
 
 log = logging.getLogger(__name__)
@@ -49,12 +54,13 @@ def pick(n_items: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device) -> dict:
+def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, bar=None,
+                  max_new_tokens: int | None = None) -> dict:
     """Greedy generations scored against the references.
 
     exact_match: whitespace-normalised decoded text equal (case-sensitive).
     token_accuracy: share of reference tokens (response + EOS) that the generation matches position-wise.
-    Generation stops at EOS or at len(reference) + GEN_SLACK tokens.
+    Generation stops at EOS or at len(reference) + GEN_SLACK tokens (or at `max_new_tokens`, when given).
     """
     from transformers import GenerationConfig
 
@@ -73,10 +79,11 @@ def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device) 
         # Left padding keeps every prompt's last token at the end, where generation continues.
         ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in chunk], device=device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=device)
-        cfg = GenerationConfig(max_new_tokens=max(len(r) for _, r in chunk) + GEN_SLACK, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
+        limit = max_new_tokens or max(len(r) for _, r in chunk) + GEN_SLACK
+        cfg = GenerationConfig(max_new_tokens=limit, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=cfg)[:, width:].tolist()
         for (p, ref), gen in zip(chunk, out):
-            gen = gen[: len(ref) + GEN_SLACK]
+            gen = gen[: max_new_tokens or len(ref) + GEN_SLACK]
             if eos is not None and eos in gen:
                 gen = gen[: gen.index(eos) + 1]
             matched += sum(g == r for g, r in zip(gen, ref))
@@ -85,6 +92,8 @@ def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device) 
             gen_text = tokenizer.decode(gen, skip_special_tokens=True)
             exact += normalise(gen_text) == normalise(ref_text)
             samples.append({"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": ref_text, "generation": gen_text})
+        if bar is not None:
+            bar.update(1)
     model.train(was_training)
     return {"exact_match": exact / len(pairs), "token_accuracy": matched / ref_tokens, "generated": len(pairs), "samples": samples}
 
@@ -299,20 +308,41 @@ def load_placed(source, dtype, place: dict | None, trust_remote_code: bool, devi
     return model
 
 
-def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, list[dict]], cfg: EvalConfig, device) -> dict:
+@contextmanager
+def stage(desc: str, total: int):
+    """A tqdm bar with an ETA on stderr for one model and data set; where stderr is not a terminal, one log line
+    per stage instead (with its time), so logs and CI output stay readable."""
+    start = time.time()
+    with tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
+        yield bar
+        quiet = bar.disable
+    if quiet:
+        log.info("%s: %d batches in %.1f s", desc, total, time.time() - start)
+
+
+def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, RetentionCorpus], cfg: EvalConfig, device,
+                label: str = "model") -> dict:
     pad = tokenizer.pad_token_id
     vocab = model.get_input_embeddings().num_embeddings
     if vocab < len(tokenizer):
         raise UsageError(f"model has {vocab} embeddings but the base tokenizer has {len(tokenizer)} tokens; fine-tuned models must share the base tokenizer")
     result = {"task": {}, "retention": {}}
+
+    def n_batches(items: list) -> int:
+        return math.ceil(len(items) / cfg.batch_size)
+
     for t in tasks:
         torch.manual_seed(cfg.seed)
-        scores = corpus_loss(model, t.items, cfg.batch_size, pad, device)
-        no_generations = {"exact_match": None, "token_accuracy": None, "generated": 0, "samples": []}
-        scores.update(greedy_scores(model, tokenizer, t.gen_items, cfg.batch_size, device) if t.gen_items else no_generations)
+        with stage(f"{label} · task {t.name}", n_batches(t.items) + n_batches(t.gen_items)) as bar:
+            scores = corpus_loss(model, t.items, cfg.batch_size, pad, device, bar)
+            gen = {"exact_match": None, "token_accuracy": None, "generated": 0, "samples": []}  # nothing to generate
+            if t.gen_items:
+                gen = greedy_scores(model, tokenizer, t.gen_items, cfg.batch_size, device, bar)
+            scores.update(gen)
         result["task"][t.name] = scores
-    for name, items in retention.items():
-        result["retention"][name] = corpus_loss(model, items, cfg.batch_size, pad, device)
+    for name, corpus in retention.items():
+        with stage(f"{label} · retention {name}", n_batches(corpus.items)) as bar:
+            result["retention"][name] = corpus_loss(model, corpus.items, cfg.batch_size, pad, device, bar)
     if cfg.lm_eval_tasks:
         harness_tasks = [x.strip() for x in cfg.lm_eval_tasks.split(",") if x.strip()]
         result["lm_eval"] = run_lm_eval(model, tokenizer, harness_tasks, cfg.lm_eval_limit, cfg.batch_size, cfg.seed)
@@ -338,24 +368,27 @@ def run_eval(cfg: EvalConfig) -> dict:
         if not any(split_prompt(i)[0] for i in t.gen_items):
             raise UsageError(f"sequence task {t.source} is plain text (no prompts), so --cl-metric {cfg.cl_metric} cannot be scored on it")
     ret_sources = [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))
-    retention = {n: retention_items(tokenizer, s, cfg.max_seq_length, cfg.max_samples) for n, s in zip(corpus_names(ret_sources), ret_sources)}
+    retention = {n: retention_corpus(tokenizer, s, cfg.max_seq_length, cfg.max_samples)
+                 for n, s in zip(corpus_names(ret_sources), ret_sources)}
 
     base = load_placed(source, dtype, place, cfg.trust_remote_code, device)
     if place is not None:
         device = placement.input_device(base)
     results = []
-    for v in variants:
-        log.info("scoring %s", v.label)
+    for i, v in enumerate(variants, 1):
+        log.info("scoring %s (model %d of %d)", v.label, i, len(variants))
         if v.path:
             v.notes.extend(_training_notes(v, cfg))
         with LoadedVariant(v, base, cfg, dtype, device, place) as model:
-            scores = score_model(model, tokenizer, tasks, retention, cfg, device)
+            scores = score_model(model, tokenizer, tasks, retention, cfg, device, f"[{i}/{len(variants)}] {v.label}")
         results.append({"label": v.label, "kind": v.kind, "path": v.path, **scores})
 
     meta = {
         "model": source.display_name,
         "tasks": [{"name": t.name, "source": t.source, "split": cfg.task_split, "examples": len(t.items), "generated": len(t.gen_items)} for t in tasks],
-        "retention": [{"name": n, "source": s, "chunks": len(retention[n])} for n, s in zip(retention, ret_sources)],
+        "retention_metric": RETENTION_METRIC,
+        "retention": [{"name": n, "source": s, "chunks": len(c.items), "scored": c.scored}
+                      for (n, c), s in zip(retention.items(), ret_sources)],
         "notes": [n for v in variants for n in v.notes],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "debug"},
         "device": str(device),

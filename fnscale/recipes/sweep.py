@@ -10,7 +10,8 @@ A `networks` section (options of `templates build`) finds functional networks on
 --output/networks/; runs refer to them as `ica_template_path: networks` (see build_networks).
 
 Layout of --output: networks/ (when built), base/ (the base model scored once), runs/NAME-seedS/ (config.yaml, train/,
-eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.eval.sweep_report).
+eval/, done.json), then sweep.json, sweep.md and pareto.png (see fnscale.eval.sweep_report). `compare` lists
+configuration pairs [A, B] whose differences A - B the report gives paired by seed, with a 95% interval.
 A run with a done.json (written atomically after its eval report) is skipped on restart; one made
 with other options than the file now gives is refused rather than mixed into the report.
 """
@@ -37,7 +38,7 @@ from fnscale.runtime.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = {"train", "eval", "seeds", "runs", "grid", "reference", "launcher", "networks"}
+SWEEP_KEYS = {"train", "eval", "seeds", "runs", "grid", "reference", "launcher", "compare", "networks"}
 SET_BY_SWEEP = {"seed", "output_dir"}  # each run's own; set per run
 BASE_ONLY = {"model", "gguf_file"}  # every run must start from the base that is scored
 DONE = "done.json"
@@ -68,6 +69,7 @@ class Sweep:
     reference: str | None = None
     launcher: str | None = None
     runs: list[Run] = field(default_factory=list)
+    compare: list[tuple[str, str]] = field(default_factory=list)  # configuration pairs (a, b): a - b paired by seed
     networks: dict | None = None  # `templates build` options; built once into OUTPUT/networks/
 
 
@@ -160,8 +162,26 @@ def load(path: str | os.PathLike) -> Sweep:
     sweep = Sweep(Path(path), _options(raw.get("train") or {}, "train", folder), {k: _local(v, folder) for k, v in eval_opts.items()},
                   seeds, configs, raw.get("reference"), raw.get("launcher"))
     sweep.runs = [Run(i, name, seed, opts) for i, ((name, opts), seed) in enumerate(itertools.product(configs, seeds))]
+    sweep.compare = _compare_pairs(raw.get("compare"), names, path)
     sweep.networks = _networks_section(raw.get("networks"), path, folder, sweep)
     return sweep
+
+
+def _compare_pairs(pairs, names: list[str], path) -> list[tuple[str, str]]:
+    """`compare: [[A, B], ...]`: configuration pairs whose differences A - B the report gives paired by seed."""
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise UsageError(f"{path}: `compare` must be a list of configuration pairs, e.g. [[lesion-ica, lesion-random]]")
+    out = []
+    for a, b in pairs:
+        for name in (a, b):
+            if str(name) not in names:
+                raise UsageError(f"{path}: compare: {name!r} is not a configuration name; pick from {', '.join(names)}")
+        if str(a) == str(b):
+            raise UsageError(f"{path}: compare: [{a}, {b}] compares a configuration with itself")
+        out.append((str(a), str(b)))
+    return out
 
 
 def _networks_section(raw, path, folder: Path, sweep: Sweep) -> dict | None:
@@ -248,6 +268,7 @@ def score(sweep: Sweep, model: str | None, gguf_file: str | None, output: Path) 
     return {
         "task_loss": {name: s["loss"] for name, s in scores["task"].items()},
         "retention_ppl": {name: s["ppl"] for name, s in scores["retention"].items()},
+        "retention_metric": rep["retention_metric"],
         "report": rep["files"]["json"],
     }
 
@@ -276,6 +297,12 @@ def finished(folder: Path, expected: dict) -> dict | None:
     done = read_done(folder)
     if done is not None and done.get("config") != expected:
         raise UsageError(f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick another --output")
+    from fnscale.eval.scoring import RETENTION_METRIC
+
+    if done is not None and done.get("retention_metric") != RETENTION_METRIC:  # figures of two metrics must not mix
+        old = done.get("retention_metric", "retention/1")
+        raise UsageError(f"{folder} was scored with an older retention metric ({old}, now {RETENTION_METRIC}); "
+                         "remove it or pick another --output to score it again")
     return done
 
 
@@ -318,7 +345,9 @@ def build_networks(sweep: Sweep, out: Path) -> dict:
 
     folder = out / NETWORKS
     expected = json.loads(json.dumps({"model": {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}, "networks": sweep.networks}))
-    done = finished(folder, expected)
+    done = read_done(folder)  # not `finished`: networks have no retention metric
+    if done is not None and done.get("config") != expected:
+        raise UsageError(f"{folder} was made with other networks options than the sweep file now gives; remove it or pick another --output")
     if done is None:
         log.info("finding the functional networks (templates build) into %s", folder)
         chosen = {"model": sweep.train.get("model"), "gguf_file": sweep.train.get("gguf_file"), "output": str(folder)}

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from fnscale import data
 from fnscale.config import TrainConfig
+from fnscale.continual import ewc
 from fnscale.data import packing
 from fnscale.errors import Interrupted, RunError, UsageError
 from fnscale.eval.scoring import RetentionProbe, sharded_loss
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
         freeze_outside_mlps(model)
     masker = _masker(cfg, model, tokenizer, sft, accelerator, source.display_name, templates)
+    ewc.install(cfg, model, accelerator)  # EWC gradient hooks when --ewc-state is given (fnscale cl), else nothing
 
     # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
     train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
@@ -211,7 +213,7 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, metrics, total_steps)
     trainer.log({"step": progress.step, "examples": sft.counts})
     if retention_before is not None:
-        trainer.log({"step": progress.step, **retention_before})
+        trainer.log({"step": progress.step, **retention_before, **retention.describe()})
     if masker is not None:
         trainer.log({"step": progress.step, **masker.stats()})
 
@@ -469,7 +471,7 @@ class Trainer:
         if retention is not None:
             after = retention.measure(self.accelerator.unwrap_model(self.model), self.accelerator, prefix="retention_after")
             self.log({"step": step, **after})
-            scores.update(after)
+            scores.update({**after, **retention.describe()})
         return scores
 
     def log(self, record: dict) -> None:

@@ -8,7 +8,8 @@ What `accelerate launch` leaves to the script, fixed here so that every launch c
   unsynchronised copy. On CPU we ask for `cpu=True` (DDP over gloo) explicitly.
 - DeepSpeed on CPU must *not* see ACCELERATE_USE_CPU (Accelerate then silently falls back to plain DDP)
   and needs the gloo backend (DeepSpeed's `init_distributed` is given it through InitProcessGroupKwargs).
-- FSDP on CPU is refused; a relative `deepspeed_config_file` is also looked up beside this checkout.
+- FSDP on CPU is refused; a relative `deepspeed_config_file` is also looked up beside this checkout and in the
+  installed package (`fnscale launch-configs` prints where the shipped configs are).
 - After construction, a multi-process launch that did not end up synchronised is refused.
 """
 
@@ -25,8 +26,10 @@ from fnscale.errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
 
-# The checkout that holds launch_configs/ (an editable install); relative DeepSpeed JSON paths fall back to it.
+# Where a relative `launch_configs/...` DeepSpeed JSON path is also looked up: the checkout (source tree or editable
+# install), then the installed package, which ships launch_configs/ as fnscale/launch_configs/.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 _joined = {"group": False}  # set once this process has joined a multi-process group (see exit_process)
 DEFAULT_TIMEOUT_S = 1800  # collectives wait this long for a live peer (a first GGUF conversion or a large ZeRO-3 save can take minutes)
 
@@ -63,15 +66,21 @@ def _requested_fsdp() -> bool:
     return _truthy("ACCELERATE_USE_FSDP")
 
 
+def launch_configs_folder() -> Path:
+    """The shipped launch_configs/: the checkout's, or the installed package's copy."""
+    folders = (REPO_ROOT / "launch_configs", PACKAGE_ROOT / "launch_configs")
+    return next((p for p in folders if p.is_dir()), folders[1])
+
+
 def _resolve_deepspeed_config_file() -> None:
     """Check the DeepSpeed JSON exists; a relative path missing from the working folder is looked up in the checkout."""
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not ds_file or ds_file == "none" or os.path.isfile(ds_file):
         return
-    fallback = REPO_ROOT / ds_file
-    if not os.path.isabs(ds_file) and fallback.is_file():
-        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(fallback)
-        return
+    for fallback in (REPO_ROOT / ds_file, PACKAGE_ROOT / ds_file):
+        if not os.path.isabs(ds_file) and fallback.is_file():
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(fallback)
+            return
     raise UsageError(
         f"DeepSpeed config {ds_file} not found (relative paths are read from the working folder {os.getcwd()}); "
         "fix deepspeed_config_file in your accelerate config or run from the repository root"
