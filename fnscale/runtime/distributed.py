@@ -166,6 +166,8 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
             force_cpu = True  # MULTI_CPU: DDP over gloo
     if _requested_deepspeed():
         mixed_precision = None
+    if not multi and mixed_precision is not None:
+        _forget_other_precision(mixed_precision)
     accelerator = Accelerator(
         cpu=force_cpu,
         mixed_precision=mixed_precision,
@@ -193,6 +195,16 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
     if accelerator.is_main_process:
         log.info("distributed: %s", describe(accelerator))
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """One process that runs train() twice (tests, notebooks) with another precision: Accelerate keeps its state per
+    process and refuses a change, so the stale state is dropped (a launched rank builds one Accelerator)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def describe(accelerator) -> str:

@@ -1,0 +1,222 @@
+"""GPU semantics the CPU can check: capture device, fp16 GradScaler skips, token-normalised step loss, precision plan,
+host syncs per step. Each test failed on ae41823's code (see the commit message for how that was checked)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fnscale import data
+from fnscale.config import TrainConfig
+from fnscale.data import packing
+from fnscale.errors import UsageError
+from fnscale.models.loading import precision_plan
+from fnscale.recipes import train as train_mod
+
+
+def cfg(model, data_file, out, **kw):
+    base = dict(model=model, dataset=data_file, output_dir=str(out), max_seq_length=64, validation_split=0.0, max_steps=2,
+                eval_steps=0, save_steps=0, report_to="none", lora=False, seed=0, warmup_ratio=0.0, lr_scheduler="constant")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def fresh_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ---------------------------------------------------------------- 1. networks computed in the run: capture device
+
+
+def test_networks_are_captured_on_the_run_device(tiny_llama, sft_file, tmp_path, monkeypatch):
+    """On a GPU, capture batches go to accelerator.device: the model must be there too. `meta` stands in for the GPU."""
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_build(model, samples, *, accelerator, **kw):
+        seen["model"], seen["run"] = next(model.parameters()).device, accelerator.device
+        raise Captured
+
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(train_mod, "build_templates", fake_build)
+    with pytest.raises(Captured):
+        train_mod.train(cfg(tiny_llama, sft_file, tmp_path, mask_mode="lesion", ica_components=2, ica_component_ids="0"))
+    assert seen["model"] == seen["run"] == torch.device("meta")
+
+
+# ---------------------------------------------------------------- the loop on hand-made windows
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+
+def _trainer(model, gas: int, max_grad_norm: float = 0.0, optimizer=None, scaler=None, mixed: str = "no"):
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=gas, mixed_precision=mixed)
+    if scaler is not None:  # Accelerate makes a GradScaler on GPUs only; the CPU one takes the same path here
+        acc.scaler, acc.native_amp = scaler, True
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    prepared = train_mod.Prepared(acc, model, optimizer, scheduler, None, None, None, total_steps=100)
+    config = TrainConfig(gradient_accumulation_steps=gas, max_grad_norm=max_grad_norm, logging_steps=1000)
+    return train_mod.Trainer(config, prepared, None)
+
+
+def _items(tokenizer, n=8):
+    """n examples of different lengths, labels on the response only (as training builds them)."""
+    items = []
+    for i in range(n):
+        prompt = tokenizer("what is the capital of zorvia ?" + " paris" * i)["input_ids"]
+        answer = tokenizer(" the capital is" + " berlin" * (2 * i % 5))["input_ids"]
+        items.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return items
+
+
+def _micro_batches(items, size, pack, pad_id):
+    groups = [items[i: i + size] for i in range(0, len(items), size)]
+    if pack:
+        return [packing.collate_packed(packing.pack_rows(g, 10**6), pad_id) for g in groups]
+    return [data.collate(g, pad_id) for g in groups]
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_step_loss_and_gradients_do_not_depend_on_the_micro_batching(tiny_llama, tiny_tokenizer, pack, fresh_state):
+    """8 examples as 1x8, 2x4, 4x2 (and 8x1): the step's loss is sum NLL / trained tokens, gradients alike (1e-6)."""
+    items = _items(tiny_tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    results = []
+    for gas in (1, 2, 4, 8):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        trainer = _trainer(model, gas)
+        sums, applied = trainer.optimizer_step(_micro_batches(items, 8 // gas, pack, tiny_tokenizer.pad_token_id))
+        assert applied
+        loss = float(sums.nll / sums.tokens)
+        delta = {n: (p.detach() - q.detach()) for (n, p), (_, q) in zip(base.named_parameters(), model.named_parameters())}
+        results.append((loss, delta))
+    # the plain reference: one forward over all 8, mean over every labelled target
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    whole = data.collate(items, tiny_tokenizer.pad_token_id)
+    ref_loss = float(ref(**whole).loss.detach())
+    for loss, delta in results:
+        assert abs(loss - ref_loss) < 1e-6, (loss, ref_loss)
+        for name, d in delta.items():
+            torch.testing.assert_close(d, results[0][1][name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- 2. fp16: GradScaler skips an overflowing step
+
+
+def test_fp16_overflow_step_is_skipped_by_the_scaler_and_training_goes_on(tiny_llama, tiny_tokenizer, fresh_state):
+    """An inf gradient after clipping has unscaled: the scaler skips the step and lowers its scale, the next one steps."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer = _trainer(model, 1, max_grad_norm=1.0, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), scaler=scaler,
+                       mixed="fp16")
+    batch = [data.collate(_items(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)]
+    weight = model.lm_head.weight
+    before = weight.detach().clone()
+    hook = weight.register_hook(lambda g: g * float("inf"))  # an fp16 overflow in backward
+    _, applied = trainer.optimizer_step(batch)
+    hook.remove()
+    assert not applied and torch.equal(weight.detach(), before)
+    assert scaler.get_scale() == 2.0**9  # update() ran: the scale backed off
+    _, applied = trainer.optimizer_step(batch)  # ae41823: "unscale_() has already been called on this optimizer"
+    assert applied and not torch.equal(weight.detach(), before)
+
+
+# ---------------------------------------------------------------- 8. host syncs
+
+
+def test_one_host_sync_per_optimizer_step_none_per_micro_batch(tiny_llama, tiny_tokenizer, fresh_state, monkeypatch):
+    """Four micro-batches per step: fnscale's loop reads a tensor on the host once per step, for the skip decision
+    (ae41823: at least two reads per micro-batch). Reads inside the model's own code are not counted."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    trainer = _trainer(model, 4, max_grad_norm=1.0)
+    window = _micro_batches(_items(tiny_tokenizer), 2, False, tiny_tokenizer.pad_token_id)
+    reads = {"n": 0}
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            reads["n"] += "fnscale" in sys._getframe(1).f_code.co_filename
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(3):
+        trainer.optimizer_step(window)
+    assert reads["n"] == 3, reads
+
+
+def test_log_window_reads_the_host_once_per_logged_step(tiny_llama, sft_file, tmp_path, monkeypatch):
+    """A run logging every 4 steps reduces its window 1 time in 4 (ae41823: at every step, with per-batch floats)."""
+    calls = {"totals": 0}
+    real = train_mod.LogWindow.totals
+
+    def counted(self, acc):
+        calls["totals"] += 1
+        return real(self, acc)
+
+    monkeypatch.setattr(train_mod.LogWindow, "totals", counted)
+    train_mod.train(cfg(tiny_llama, sft_file, tmp_path, max_steps=8, logging_steps=4, batch_size=2))
+    assert calls["totals"] == 2
+
+
+# ---------------------------------------------------------------- 5. precision
+
+
+@pytest.mark.parametrize("precision,dtype,device,bf16,lora,expect", [
+    ("auto", "auto", "cuda", True, False, ("bf16-mixed", "bf16", torch.float32)),
+    ("auto", "auto", "cuda", False, False, ("fp16-mixed", "fp16", torch.float32)),
+    ("auto", "auto", "cpu", True, False, ("fp32", "no", torch.float32)),
+    ("auto", "float16", "cuda", True, False, ("fp16-mixed", "fp16", torch.float32)),
+    ("auto", "bfloat16", "cpu", True, False, ("bf16-mixed", "bf16", torch.float32)),
+    ("auto", "auto", "cuda", True, True, ("bf16-mixed", "bf16", torch.bfloat16)),  # LoRA: frozen base in bf16
+    ("bf16-true", "auto", "cuda", True, False, ("bf16-true", "no", torch.bfloat16)),
+    ("fp32", "bfloat16", "cuda", True, False, ("fp32", "no", torch.float32)),
+])
+def test_precision_plan(precision, dtype, device, bf16, lora, expect):
+    plan = precision_plan(precision, dtype, device, bf16, lora=lora)
+    assert (plan.name, plan.autocast, plan.weights) == expect
+
+
+def test_precision_plan_refusals_and_launch_config():
+    with pytest.raises(UsageError, match="fp16 training needs a GPU"):
+        precision_plan("auto", "float16", "cpu")
+    with pytest.raises(UsageError, match="does not support bfloat16"):
+        precision_plan("bf16-true", "auto", "cuda", bf16_supported=False)
+    assert precision_plan("auto", "auto", "cuda", True, launch_mixed="fp16").name == "fp16-mixed"
+
+
+def test_bf16_mixed_keeps_fp32_master_weights_so_small_updates_survive(tiny_llama, sft_file, tmp_path):
+    """lr 2e-5: AdamW's first step moves each weight by ~2e-5, below half a bf16 ulp for |w| > 0.04 (2^-11 relative).
+    Under bf16-mixed the trainable weights are fp32, run under bf16 autocast, and keep the update."""
+    seen = {}
+
+    def build(c, accelerator):
+        seen["mixed"] = accelerator.mixed_precision
+        return train_mod.build_model(c, accelerator)
+
+    train_mod.train(cfg(tiny_llama, sft_file, tmp_path, precision="bf16-mixed", learning_rate=2e-5, max_steps=1,
+                        weight_decay=0.0, max_grad_norm=0.0), build_model=build)
+    assert seen["mixed"] == "bf16"
+    base, after = load_file(f"{tiny_llama}/model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    w, w2 = base["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    assert w2.dtype == torch.float32
+    big = w.abs() > 0.04
+    assert big.sum() > 50
+    moved = (w2 != w)[big].float().mean()
+    assert moved > 0.95, moved
+    lost_in_bf16 = (w[big].bfloat16() == (w[big] + 2e-5 * torch.sign(w[big])).bfloat16()).float().mean()
+    assert lost_in_bf16 > 0.9, lost_in_bf16  # what bf16 weights would have kept of the same update
