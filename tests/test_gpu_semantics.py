@@ -220,3 +220,68 @@ def test_bf16_mixed_keeps_fp32_master_weights_so_small_updates_survive(tiny_llam
     assert moved > 0.95, moved
     lost_in_bf16 = (w[big].bfloat16() == (w[big] + 2e-5 * torch.sign(w[big])).bfloat16()).float().mean()
     assert lost_in_bf16 > 0.9, lost_in_bf16  # what bf16 weights would have kept of the same update
+
+
+# ---------------------------------------------------------------- several processes (slow)
+
+
+def _dist_args(model, data_file, out, *extra):
+    return ["train", "--model", model, "--dataset", str(data_file), "--output-dir", str(out), "--template", "plain",
+            "--max-seq-length", "64", "--validation-split", "0", "--eval-steps", "0", "--seed", "7", "--learning-rate", "1e-2",
+            "--warmup-ratio", "0", "--max-grad-norm", "0.05", "--report-to", "none", "--no-lora", *extra]
+
+
+@pytest.fixture(scope="module")
+def data16(tmp_path_factory):
+    from helpers_dist import write_uniform_sft
+
+    return write_uniform_sft(tmp_path_factory.mktemp("gpu_sem_data") / "uniform.jsonl", 16)
+
+
+@pytest.mark.slow
+def test_deepspeed_nonfinite_loss_at_an_accumulation_boundary_skips_the_whole_step(tiny_llama, data16, tmp_path):
+    """ZeRO-2, 2 ranks x batch 2, 2 micro-batches per step; rank 1's loss is NaN on its 2nd micro-batch (a boundary).
+    DeepSpeed steps inside backward, so backward must run: the engine skips the step and clears the gradients.
+    The weights equal one process (batch 4) whose 2nd micro-batch is NaN: the step skipped whole there too."""
+    from helpers_dist import REPO, clean_env, launch_cmd, ok, read_traces, run
+    from safetensors.torch import load_file
+
+    extra = ("--gradient-accumulation-steps", "2", "--max-steps", "3", "--save-steps", "0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    probe = str(REPO / "tests" / "helpers_dist.py")
+    ok(run([sys.executable, probe, *_dist_args(tiny_llama, data16, one, "--batch-size", "4", *extra)],
+           env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t1"), FNSCALE_TEST_NAN_FORWARD="0:2")))
+    res = ok(run(launch_cmd("cpu_2proc_zero2.yaml", _dist_args(tiny_llama, data16, two, "--batch-size", "2", *extra), script=probe),
+                 env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t2"), FNSCALE_TEST_NAN_FORWARD="1:2"), timeout=600))
+    assert "DEEPSPEED ZeRO-2" in res.stdout
+    assert "non-finite loss or gradient at step 1" in res.stdout + res.stderr
+    traces = read_traces(tmp_path / "t2")
+    assert traces[0]["params_sha256"] == traces[1]["params_sha256"]
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_resume_auto_ranks_fall_back_together_when_one_cannot_load(tiny_llama, data16, tmp_path):
+    """DDP, 2 ranks: checkpoints at steps 2 and 4; on resume rank 1 cannot load checkpoint-4. Both ranks fall back to
+    checkpoint-2 (ae41823: rank 0 resumed at 4, rank 1 at 2, and the ranks then ran different step counts)."""
+    from helpers_dist import REPO, clean_env, launch_cmd, ok, read_traces, run
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    probe = str(REPO / "tests" / "helpers_dist.py")
+    args = _dist_args(tiny_llama, data16, out, "--batch-size", "2", "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "2")
+    ok(run(launch_cmd("cpu_2proc.yaml", args, script=probe), env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t1"))))
+    first = load_file(out / "final" / "model.safetensors")
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    res = ok(run(launch_cmd("cpu_2proc.yaml", [*args, "--resume-from-checkpoint", "auto"], script=probe), timeout=300,
+                 env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t2"), FNSCALE_TEST_FAIL_LOAD_RANK="1")))
+    log = res.stdout + res.stderr
+    assert "cannot load checkpoint" in log and "rank 1" in log
+    assert "checkpoint-2 at step 2" in log
+    traces = read_traces(tmp_path / "t2")
+    assert traces[0]["params_sha256"] == traces[1]["params_sha256"]
+    again = load_file(out / "final" / "model.safetensors")
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=1e-5, atol=1e-7, msg=k)
