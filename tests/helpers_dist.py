@@ -235,4 +235,7 @@ def _fail_model_writes() -> None:
 
 
 if __name__ == "__main__":
+    # As fnscale/__main__.py does: under DeepSpeed's launcher the repo root joins PYTHONPATH, and its kernels/ folder
+    # would shadow Hugging Face's `kernels` package; the installed fnscale is found without it.
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
     _probe_main()
