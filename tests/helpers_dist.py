@@ -204,6 +204,8 @@ def _inject_faults(model, accelerator) -> None:
                 count["n"] += 1
                 if count["n"] == int(nan_n):
                     output.logits = output.logits * float("nan")
+                    if output.get("loss") is not None:  # a loss the model computed itself
+                        output.loss = output.loss * float("nan")
             return output
 
         model.register_forward_hook(poison, with_kwargs=True)

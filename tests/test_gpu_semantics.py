@@ -285,3 +285,45 @@ def test_resume_auto_ranks_fall_back_together_when_one_cannot_load(tiny_llama, d
     again = load_file(out / "final" / "model.safetensors")
     for k in first:
         torch.testing.assert_close(again[k], first[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_accumulation_equal_one_process_on_uneven_examples(tiny_llama, tmp_path):
+    """Examples of 1 to 16 answer words: 2 ranks x batch 1 x 2 accumulation steps and 1 process x batch 4 see the same
+    4 examples per step; the step loss (sum NLL / trained tokens) and the weights agree (ae41823 averaged means)."""
+    import json
+
+    from helpers_dist import ANSWERS, PLACES, clean_env, launch_cmd, ok, run
+    from safetensors.torch import load_file
+
+    from fnscale.runtime.metrics import read_metrics
+
+    rows = [{"instruction": f"what is the capital of {PLACES[i % 8]} ?", "output": " ".join([ANSWERS[i % 4]] * (1 + i))}
+            for i in range(16)]
+    data_file = tmp_path / "uneven.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ("--max-steps", "3", "--save-steps", "0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run([sys.executable, "-m", "fnscale", *_dist_args(tiny_llama, data_file, one, "--batch-size", "4", *common)]))
+    ok(run(launch_cmd("cpu_2proc.yaml", _dist_args(tiny_llama, data_file, two, "--batch-size", "1", "--gradient-accumulation-steps", "2",
+                                                    *common)), env=clean_env()))
+    loss = [[r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] for out in (one, two)]
+    assert abs(loss[0][0] - loss[1][0]) < 1e-6, loss  # step 1: the same weights, the same 4 examples
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_lora_under_bf16_mixed_keeps_adapters_fp32_on_a_bf16_base(tiny_llama, sft_file, tmp_path):
+    """LoRA with --dtype bfloat16: the frozen base loads in bf16 (memory), the trained adapters stay fp32 under autocast."""
+    seen = {}
+
+    def build(c, accelerator):
+        source, tok, model = train_mod.build_model(c, accelerator)
+        seen["mixed"] = accelerator.mixed_precision
+        seen["dtypes"] = {(p.requires_grad, p.dtype) for p in model.parameters()}
+        return source, tok, model
+
+    train_mod.train(cfg(tiny_llama, sft_file, tmp_path, lora=True, dtype="bfloat16", max_steps=1), build_model=build)
+    assert seen["mixed"] == "bf16"
+    assert seen["dtypes"] == {(False, torch.bfloat16), (True, torch.float32)}
