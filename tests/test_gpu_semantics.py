@@ -309,9 +309,10 @@ def test_two_ranks_with_accumulation_equal_one_process_on_uneven_examples(tiny_l
                                                     *common)), env=clean_env()))
     loss = [[r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] for out in (one, two)]
     assert abs(loss[0][0] - loss[1][0]) < 1e-6, loss  # step 1: the same weights, the same 4 examples
+    assert all(abs(x - y) < 1e-5 for x, y in zip(*loss)), loss
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in a:  # atol 1e-5: AdamW divides by sqrt(v) + eps, so reduction-order rounding in tiny gradients shows up to ~4e-6
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_lora_under_bf16_mixed_keeps_adapters_fp32_on_a_bf16_base(tiny_llama, sft_file, tmp_path):
