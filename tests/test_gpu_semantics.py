@@ -21,8 +21,21 @@ from fnscale.recipes import train as train_mod
 
 
 def cfg(model, data_file, out, **kw):
-    base = dict(model=model, dataset=data_file, output_dir=str(out), max_seq_length=64, validation_split=0.0, max_steps=2,
-                eval_steps=0, save_steps=0, report_to="none", lora=False, seed=0, warmup_ratio=0.0, lr_scheduler="constant")
+    base = dict(
+        model=model,
+        dataset=data_file,
+        output_dir=str(out),
+        max_seq_length=64,
+        validation_split=0.0,
+        max_steps=2,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        lora=False,
+        seed=0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -50,7 +63,9 @@ def test_networks_are_captured_on_the_run_device(tiny_llama, sft_file, tmp_path,
     monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("meta")))
     monkeypatch.setattr(train_mod, "build_templates", fake_build)
     with pytest.raises(Captured):
-        train_mod.train(cfg(tiny_llama, sft_file, tmp_path, mask_mode="lesion", ica_components=2, ica_component_ids="0"))
+        train_mod.train(
+            cfg(tiny_llama, sft_file, tmp_path, mask_mode="lesion", ica_components=2, ica_component_ids="0")
+        )
     assert seen["model"] == seen["run"] == torch.device("meta")
 
 
@@ -85,7 +100,7 @@ def _items(tokenizer, n=8):
 
 
 def _micro_batches(items, size, pack, pad_id):
-    groups = [items[i: i + size] for i in range(0, len(items), size)]
+    groups = [items[i : i + size] for i in range(0, len(items), size)]
     if pack:
         return [packing.collate_packed(packing.pack_rows(g, 10**6), pad_id) for g in groups]
     return [data.collate(g, pad_id) for g in groups]
@@ -103,7 +118,9 @@ def test_step_loss_and_gradients_do_not_depend_on_the_micro_batching(tiny_llama,
         sums, applied = trainer.optimizer_step(_micro_batches(items, 8 // gas, pack, tiny_tokenizer.pad_token_id))
         assert applied
         loss = float(sums.nll / sums.tokens)
-        delta = {n: (p.detach() - q.detach()) for (n, p), (_, q) in zip(base.named_parameters(), model.named_parameters())}
+        delta = {
+            n: (p.detach() - q.detach()) for (n, p), (_, q) in zip(base.named_parameters(), model.named_parameters())
+        }
         results.append((loss, delta))
     # the plain reference: one forward over all 8, mean over every labelled target
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -119,11 +136,17 @@ def test_step_loss_and_gradients_do_not_depend_on_the_micro_batching(tiny_llama,
 
 
 def test_fp16_overflow_step_is_skipped_by_the_scaler_and_training_goes_on(tiny_llama, tiny_tokenizer, fresh_state):
-    """An inf gradient after clipping has unscaled: the scaler skips the step and lowers its scale, the next one steps."""
+    """An inf gradient after clipping has unscaled: the scaler skips the step, lowers its scale; the next one steps."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    trainer = _trainer(model, 1, max_grad_norm=1.0, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), scaler=scaler,
-                       mixed="fp16")
+    trainer = _trainer(
+        model,
+        1,
+        max_grad_norm=1.0,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        scaler=scaler,
+        mixed="fp16",
+    )
     batch = [data.collate(_items(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)]
     weight = model.lm_head.weight
     before = weight.detach().clone()
@@ -176,16 +199,19 @@ def test_log_window_reads_the_host_once_per_logged_step(tiny_llama, sft_file, tm
 # ---------------------------------------------------------------- 5. precision
 
 
-@pytest.mark.parametrize("precision,dtype,device,bf16,lora,expect", [
-    ("auto", "auto", "cuda", True, False, ("bf16-mixed", "bf16", torch.float32)),
-    ("auto", "auto", "cuda", False, False, ("fp16-mixed", "fp16", torch.float32)),
-    ("auto", "auto", "cpu", True, False, ("fp32", "no", torch.float32)),
-    ("auto", "float16", "cuda", True, False, ("fp16-mixed", "fp16", torch.float32)),
-    ("auto", "bfloat16", "cpu", True, False, ("bf16-mixed", "bf16", torch.float32)),
-    ("auto", "auto", "cuda", True, True, ("bf16-mixed", "bf16", torch.bfloat16)),  # LoRA: frozen base in bf16
-    ("bf16-true", "auto", "cuda", True, False, ("bf16-true", "no", torch.bfloat16)),
-    ("fp32", "bfloat16", "cuda", True, False, ("fp32", "no", torch.float32)),
-])
+@pytest.mark.parametrize(
+    "precision,dtype,device,bf16,lora,expect",
+    [
+        ("auto", "auto", "cuda", True, False, ("bf16-mixed", "bf16", torch.float32)),
+        ("auto", "auto", "cuda", False, False, ("fp16-mixed", "fp16", torch.float32)),
+        ("auto", "auto", "cpu", True, False, ("fp32", "no", torch.float32)),
+        ("auto", "float16", "cuda", True, False, ("fp16-mixed", "fp16", torch.float32)),
+        ("auto", "bfloat16", "cpu", True, False, ("bf16-mixed", "bf16", torch.float32)),
+        ("auto", "auto", "cuda", True, True, ("bf16-mixed", "bf16", torch.bfloat16)),  # LoRA: frozen base in bf16
+        ("bf16-true", "auto", "cuda", True, False, ("bf16-true", "no", torch.bfloat16)),
+        ("fp32", "bfloat16", "cuda", True, False, ("fp32", "no", torch.float32)),
+    ],
+)
 def test_precision_plan(precision, dtype, device, bf16, lora, expect):
     plan = precision_plan(precision, dtype, device, bf16, lora=lora)
     assert (plan.name, plan.autocast, plan.weights) == expect
@@ -208,8 +234,19 @@ def test_bf16_mixed_keeps_fp32_master_weights_so_small_updates_survive(tiny_llam
         seen["mixed"] = accelerator.mixed_precision
         return train_mod.build_model(c, accelerator)
 
-    train_mod.train(cfg(tiny_llama, sft_file, tmp_path, precision="bf16-mixed", learning_rate=2e-5, max_steps=1,
-                        weight_decay=0.0, max_grad_norm=0.0), build_model=build)
+    train_mod.train(
+        cfg(
+            tiny_llama,
+            sft_file,
+            tmp_path,
+            precision="bf16-mixed",
+            learning_rate=2e-5,
+            max_steps=1,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+        ),
+        build_model=build,
+    )
     assert seen["mixed"] == "bf16"
     base, after = load_file(f"{tiny_llama}/model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
     w, w2 = base["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
@@ -226,9 +263,35 @@ def test_bf16_mixed_keeps_fp32_master_weights_so_small_updates_survive(tiny_llam
 
 
 def _dist_args(model, data_file, out, *extra):
-    return ["train", "--model", model, "--dataset", str(data_file), "--output-dir", str(out), "--template", "plain",
-            "--max-seq-length", "64", "--validation-split", "0", "--eval-steps", "0", "--seed", "7", "--learning-rate", "1e-2",
-            "--warmup-ratio", "0", "--max-grad-norm", "0.05", "--report-to", "none", "--no-lora", *extra]
+    return [
+        "train",
+        "--model",
+        model,
+        "--dataset",
+        str(data_file),
+        "--output-dir",
+        str(out),
+        "--template",
+        "plain",
+        "--max-seq-length",
+        "64",
+        "--validation-split",
+        "0",
+        "--eval-steps",
+        "0",
+        "--seed",
+        "7",
+        "--learning-rate",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--max-grad-norm",
+        "0.05",
+        "--report-to",
+        "none",
+        "--no-lora",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +312,21 @@ def test_deepspeed_nonfinite_loss_at_an_accumulation_boundary_skips_the_whole_st
     extra = ("--gradient-accumulation-steps", "2", "--max-steps", "3", "--save-steps", "0")
     one, two = tmp_path / "one", tmp_path / "two"
     probe = str(REPO / "tests" / "helpers_dist.py")
-    ok(run([sys.executable, probe, *_dist_args(tiny_llama, data16, one, "--batch-size", "4", *extra)],
-           env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t1"), FNSCALE_TEST_NAN_FORWARD="0:2")))
-    res = ok(run(launch_cmd("cpu_2proc_zero2.yaml", _dist_args(tiny_llama, data16, two, "--batch-size", "2", *extra), script=probe),
-                 env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t2"), FNSCALE_TEST_NAN_FORWARD="1:2"), timeout=600))
+    ok(
+        run(
+            [sys.executable, probe, *_dist_args(tiny_llama, data16, one, "--batch-size", "4", *extra)],
+            env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t1"), FNSCALE_TEST_NAN_FORWARD="0:2"),
+        )
+    )
+    res = ok(
+        run(
+            launch_cmd(
+                "cpu_2proc_zero2.yaml", _dist_args(tiny_llama, data16, two, "--batch-size", "2", *extra), script=probe
+            ),
+            env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t2"), FNSCALE_TEST_NAN_FORWARD="1:2"),
+            timeout=600,
+        )
+    )
     assert "DEEPSPEED ZeRO-2" in res.stdout
     assert "non-finite loss or gradient at step 1" in res.stdout + res.stderr
     traces = read_traces(tmp_path / "t2")
@@ -271,12 +345,19 @@ def test_resume_auto_ranks_fall_back_together_when_one_cannot_load(tiny_llama, d
 
     out = tmp_path / "run"
     probe = str(REPO / "tests" / "helpers_dist.py")
-    args = _dist_args(tiny_llama, data16, out, "--batch-size", "2", "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "2")
+    args = _dist_args(
+        tiny_llama, data16, out, "--batch-size", "2", "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "2"
+    )
     ok(run(launch_cmd("cpu_2proc.yaml", args, script=probe), env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t1"))))
     first = load_file(out / "final" / "model.safetensors")
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
-    res = ok(run(launch_cmd("cpu_2proc.yaml", [*args, "--resume-from-checkpoint", "auto"], script=probe), timeout=300,
-                 env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t2"), FNSCALE_TEST_FAIL_LOAD_RANK="1")))
+    res = ok(
+        run(
+            launch_cmd("cpu_2proc.yaml", [*args, "--resume-from-checkpoint", "auto"], script=probe),
+            timeout=300,
+            env=clean_env(FNSCALE_TEST_TRACE=str(tmp_path / "t2"), FNSCALE_TEST_FAIL_LOAD_RANK="1"),
+        )
+    )
     log = res.stdout + res.stderr
     assert "cannot load checkpoint" in log and "rank 1" in log
     assert "checkpoint-2 at step 2" in log
@@ -298,25 +379,38 @@ def test_two_ranks_with_accumulation_equal_one_process_on_uneven_examples(tiny_l
 
     from fnscale.runtime.metrics import read_metrics
 
-    rows = [{"instruction": f"what is the capital of {PLACES[i % 8]} ?", "output": " ".join([ANSWERS[i % 4]] * (1 + i))}
-            for i in range(16)]
+    rows = [
+        {"instruction": f"what is the capital of {PLACES[i % 8]} ?", "output": " ".join([ANSWERS[i % 4]] * (1 + i))}
+        for i in range(16)
+    ]
     data_file = tmp_path / "uneven.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ("--max-steps", "3", "--save-steps", "0")
     one, two = tmp_path / "one", tmp_path / "two"
     ok(run([sys.executable, "-m", "fnscale", *_dist_args(tiny_llama, data_file, one, "--batch-size", "4", *common)]))
-    ok(run(launch_cmd("cpu_2proc.yaml", _dist_args(tiny_llama, data_file, two, "--batch-size", "1", "--gradient-accumulation-steps", "2",
-                                                    *common)), env=clean_env()))
+    ok(
+        run(
+            launch_cmd(
+                "cpu_2proc.yaml",
+                _dist_args(
+                    tiny_llama, data_file, two, "--batch-size", "1", "--gradient-accumulation-steps", "2", *common
+                ),
+            ),
+            env=clean_env(),
+        )
+    )
     loss = [[r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] for out in (one, two)]
     assert abs(loss[0][0] - loss[1][0]) < 1e-6, loss  # step 1: the same weights, the same 4 examples
     assert all(abs(x - y) < 1e-5 for x, y in zip(*loss)), loss
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
-    for k in a:  # atol 1e-5: AdamW divides by sqrt(v) + eps, so reduction-order rounding in tiny gradients shows up to ~4e-6
+    for k in (
+        a
+    ):  # atol 1e-5: AdamW divides by sqrt(v) + eps, so reduction-order rounding in tiny gradients shows up to ~4e-6
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_lora_under_bf16_mixed_keeps_adapters_fp32_on_a_bf16_base(tiny_llama, sft_file, tmp_path):
-    """LoRA with --dtype bfloat16: the frozen base loads in bf16 (memory), the trained adapters stay fp32 under autocast."""
+    """LoRA with --dtype bfloat16: the frozen base loads in bf16 (memory), trained adapters stay fp32 under autocast."""
     seen = {}
 
     def build(c, accelerator):

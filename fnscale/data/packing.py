@@ -74,7 +74,7 @@ def collate_packed(rows: list[dict], pad_id: int, flatten: bool = False) -> dict
 
 
 def batch_tokens(batch: dict, as_tensor: bool = False):
-    """Real (non-padding) tokens of a padded or a packed batch; `as_tensor`: a tensor on the batch's device (no host sync)."""
+    """Real (non-padding) tokens of a padded or a packed batch; `as_tensor`: a device tensor (no host sync)."""
     if "attention_mask" in batch:
         count = batch["attention_mask"].sum()
     else:

@@ -89,7 +89,8 @@ class LogWindow:
     t0: float = field(default_factory=time.time)
 
     def __post_init__(self):
-        self.nll, self.tokens, self.tokens_seen = (torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(3))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.nll, self.tokens, self.tokens_seen = zero.clone(), zero.clone(), zero.clone()
 
     def add(self, step: StepSums) -> None:
         self.nll += step.nll
@@ -223,8 +224,9 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     templates = check(cfg)
     out = Path(cfg.output_dir)
     log_with = trackers.log_with(cfg.report_to, out)
+    mixed = precision(cfg, launch_device_type()).autocast
     accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm,
-                                   timeout_s=cfg.ddp_timeout, mixed_precision=precision(cfg, launch_device_type()).autocast)
+                                   timeout_s=cfg.ddp_timeout, mixed_precision=mixed)
     _check_writable(out, accelerator)
     if templates is not None:  # config.json only: a template for another model is refused before the weights load
         with accelerator.main_process_first():
@@ -234,7 +236,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     # Model, data, masks (from templates, or networks computed on the training data), optimizer, prepared.
     source, tokenizer, model = build_model(cfg, accelerator)
     sft = _sft_data(cfg, tokenizer)
-    prepared, retention, retention_before = prepare(cfg, accelerator, model, tokenizer, sft, source.display_name, templates)
+    prepared, retention, retention_before = prepare(cfg, accelerator, model, tokenizer, sft, source.display_name,
+                                                    templates)
 
     # Resume, then open the metrics (metrics.jsonl continues from the resumed step) and trackers.
     progress = resume(accelerator, cfg.resume_from_checkpoint, out)
@@ -249,8 +252,9 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
 
     # The loop: optimizer steps until total_steps, or until SIGTERM/SIGUSR1 (which checkpoints first).
     start = time.time()
-    with StopRequested() as stop, tqdm(total=prepared.total_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
-                                       desc="train", dynamic_ncols=True) as bar:
+    quiet = not accelerator.is_local_main_process
+    with StopRequested() as stop, tqdm(total=prepared.total_steps, initial=progress.step, disable=quiet, desc="train",
+                                       dynamic_ncols=True) as bar:
         trainer.run(progress, stop, bar)
 
     # Finish: one exit path. A run stopped by a signal has its checkpoint and skips the final evaluation and save.
@@ -268,8 +272,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
         _publish(accelerator, cfg, summary)
     accelerator.end_training()
     if progress.stopped_by_signal and stop.interrupted:  # Ctrl-C: exit 130, like any interrupted command
-        raise Interrupted(f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same command and "
-                          "--resume-from-checkpoint auto")
+        raise Interrupted(f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same "
+                          "command and --resume-from-checkpoint auto")
     return summary
 
 
@@ -285,17 +289,21 @@ def prepare(cfg: TrainConfig, accelerator, model, tokenizer, sft, model_name: st
     masker = _masker(cfg, model, tokenizer, sft, accelerator, model_name, templates)
     train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
     total_steps = _total_steps(cfg, len(train_loader), accelerator.num_processes)
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, masker.no_decay_params() if masker is not None else None)
+    no_decay = masker.no_decay_params() if masker is not None else None
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, no_decay)
     if masker is not None:
         masker.bind_optimizer(optimizer)  # --optimizer-slices: the deltas' weight decay
     scheduler = make_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     # The validation loader stays unprepared: `sharded_loss` deals its batches to ranks itself, each sample once.
-    retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size) if cfg.eval_retention else None
-    before = retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before") if retention else None
+    retention, before = None, None
+    if cfg.eval_retention:
+        retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size)
+        before = retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before")
     if masker is not None:  # after retention-before: it measures the unmasked base
         masker.attach(accelerator.unwrap_model(model))
-    return Prepared(accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, total_steps), retention, before
+    prepared = Prepared(accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, total_steps)
+    return prepared, retention, before
 
 
 # ---------------------------------------------------------------- setup
@@ -434,8 +442,8 @@ def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
         return Progress(step=state["step"], epoch=state["epoch"], batches_done=state["batches_in_epoch"])
     if found:
-        raise RunError(f"no checkpoint in {out} loads on every rank ({len(found)} tried); remove the broken ones or start "
-                       "without --resume-from-checkpoint")
+        raise RunError(f"no checkpoint in {out} loads on every rank ({len(found)} tried); remove the broken ones or "
+                       "start without --resume-from-checkpoint")
     return Progress()
 
 
@@ -499,7 +507,7 @@ class Trainer:
         nll_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for i, batch in enumerate(window):
             last = i == len(window) - 1
-            acc.gradient_state._set_sync_gradients(last)  # as transformers' Trainer does: the window ends the accumulation
+            acc.gradient_state._set_sync_gradients(last)  # as transformers' Trainer does: the window decides
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 nll = token_nll(self.model, batch)
                 acc.backward(nll * scale)  # DeepSpeed runs engine.step() inside the last one
@@ -514,10 +522,12 @@ class Trainer:
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: the norm, no clipping
         norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # unscales first under fp16
         if uses_deepspeed(acc) or acc.scaler is not None:
-            self.optimizer.step()  # DeepSpeed: a no-op (stepped in backward); GradScaler: skips an inf step, updates the scale
+            # DeepSpeed: a no-op (the engine stepped in backward); GradScaler: skips an inf step, updates the scale
+            self.optimizer.step()
             applied = not self.optimizer.step_was_skipped
         else:
-            applied = bool(torch.isfinite(torch.as_tensor(norm)).item())  # DDP: the norm of reduced grads, alike on all ranks
+            # the step's one host sync; under DDP the norm of the reduced gradients, the same on every rank
+            applied = bool(torch.isfinite(torch.as_tensor(norm)).item())
             if applied:
                 self.optimizer.step()
         if applied:
@@ -541,7 +551,8 @@ class Trainer:
         cfg, step = self.cfg, progress.step
         if step % cfg.logging_steps == 0 or step == self.total_steps:
             self._log_window(progress, bar)
-        if self.p.val_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.total_steps:
+        evaluate = self.p.val_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0
+        if evaluate and step < self.total_steps:
             self.log({"step": step, "eval_loss": self.evaluate()})
         if self.accelerator.num_processes == 1 or step % STOP_CHECK_STEPS == 0:  # the ranks agree through a collective
             progress.stopped_by_signal = _any_rank(self.accelerator, stop.flag)
@@ -556,8 +567,9 @@ class Trainer:
         norm = None if self.grad_norm is None else float(self.grad_norm)
         epoch = progress.epoch + progress.batches_done / max(1, len(self.p.train_loader))
         self.log({
-            "step": progress.step, "epoch": round(epoch, 4), "loss": loss, "lr": self.p.scheduler.get_last_lr()[0], "grad_norm": norm,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "step_time_s": elapsed / max(1, self.cfg.logging_steps),
+            "step": progress.step, "epoch": round(epoch, 4), "loss": loss, "lr": self.p.scheduler.get_last_lr()[0],
+            "grad_norm": norm, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "step_time_s": elapsed / max(1, self.cfg.logging_steps),
         })
         bar.set_postfix(loss=f"{loss:.4f}")
         self.window = LogWindow(self.accelerator.device)
@@ -679,11 +691,12 @@ def trained_tokens(batch: dict) -> torch.Tensor:
 
 
 def token_nll(model, batch: dict) -> torch.Tensor:
-    """Summed next-token NLL (fp32) over a micro-batch's labelled targets; as transformers' causal-LM loss, unreduced."""
+    """Summed next-token NLL (fp32) over a micro-batch's labelled targets: transformers' causal-LM loss, unreduced."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     target = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
 
 
 def _masker(cfg, model, tokenizer, sft, accelerator, model_name: str, templates: Templates | None):

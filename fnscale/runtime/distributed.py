@@ -140,7 +140,8 @@ def launch_mixed_precision() -> str | None:
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | None = None, log_with: str | None = None,
-                     max_grad_norm: float | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, mixed_precision: str | None = None):
+                     max_grad_norm: float | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     mixed_precision: str | None = None):
     """An Accelerator whose process group uses gloo on CPU (NCCL cannot run there), seeded data order.
 
     Under DeepSpeed, clipping happens inside the engine: `max_grad_norm` fills the config's "auto"
