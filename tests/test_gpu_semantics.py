@@ -1,5 +1,6 @@
-"""GPU semantics the CPU can check: capture device, fp16 GradScaler skips, token-normalised step loss, precision plan,
-host syncs per step. Each test failed on ae41823's code (see the commit message for how that was checked)."""
+"""GPU semantics the CPU can check: the capture device, fp16 GradScaler skips, the token-normalised step loss, the
+precision plan, host syncs per step, DeepSpeed and resume agreement over 2 ranks. Each was checked to fail on ae41823
+(the same tests with its API: fnscale.train, Trainer.micro_step, the model-computed loss)."""
 
 from __future__ import annotations
 
