@@ -20,6 +20,7 @@ from fnscale.errors import UsageError
 
 SITES = ("intermediate", "mlp_output")  # where an MLP's neurons are read and masked: down-projection input, MLP output
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+PRECISIONS = ("auto", "bf16-mixed", "fp16-mixed", "bf16-true", "fp32")  # --precision, see loading.precision_plan
 PCA_BACKENDS = ("auto", "cuml", "torch", "numpy")  # numpy: float64 on the CPU
 PCA_BACKEND_ALIASES = {"sklearn": "numpy"}  # the numpy backend's former name, still accepted
 CL_METRICS = ("token_accuracy", "exact_match")  # scores the continual-learning matrix R can hold
@@ -72,7 +73,11 @@ class TrainConfig:
     # model
     model: str | None = opt(None, "HF hub id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo)")
-    dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
+    dtype: str = opt("auto", "half-precision dtype (auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 "
+                     "elsewhere); see --precision", DTYPES)
+    precision: str = opt("auto", "auto (from --dtype): bf16-mixed/fp16-mixed keep fp32 trainable weights under "
+                         "autocast (fp16 adds a GradScaler; LoRA loads the frozen base in half precision); bf16-true "
+                         "trains bf16 weights; fp32 uses no autocast", list(PRECISIONS))
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
     attn_implementation: str = opt("auto", "attention kernel (auto: flash_attention_2 on CUDA with --packing when flash-attn is installed, "
                                    "else sdpa)", list(ATTN_IMPLEMENTATIONS))

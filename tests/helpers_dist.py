@@ -5,7 +5,8 @@ each rank writes `$FNSCALE_TEST_TRACE/rank<R>.json` with what it trained on (the
 of every training forward), its distributed type, and a hash of its parameters at the end, so a test can
 check sharding and that the ranks stayed identical. FNSCALE_TEST_FAIL_STEP_RANK=<R> makes rank R's second training
 step fail, FNSCALE_TEST_FAIL_SAVE_RANK=<R> makes rank R's final save fail with a full disk, so a test can check that
-every rank hears of it and exits.
+every rank hears of it and exits. FNSCALE_TEST_NAN_FORWARD=<R>:<N> makes rank R's N-th training forward return NaN
+logits (a non-finite loss); FNSCALE_TEST_FAIL_LOAD_RANK=<R> makes rank R's first checkpoint load fail.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def _probe_main() -> None:
                     seen.append(row[mask.bool()].tolist())
 
         model.register_forward_pre_hook(hook, with_kwargs=True)
+        _inject_faults(model, accelerator)
         return source, tokenizer, model
 
     def probed_save(accelerator, model, tokenizer, cfg):
@@ -190,6 +192,35 @@ def _probe_main() -> None:
     exit_process(0)
 
 
+def _inject_faults(model, accelerator) -> None:
+    """FNSCALE_TEST_NAN_FORWARD and FNSCALE_TEST_FAIL_LOAD_RANK (see the module docstring) on this rank."""
+    rank = str(accelerator.process_index)
+    nan_rank, _, nan_n = os.environ.get("FNSCALE_TEST_NAN_FORWARD", "").partition(":")
+    if nan_rank == rank:
+        count = {"n": 0}
+
+        def poison(module, args, kwargs, output):
+            if module.training:
+                count["n"] += 1
+                if count["n"] == int(nan_n):
+                    output.logits = output.logits * float("nan")
+                    if output.get("loss") is not None:  # a loss the model computed itself
+                        output.loss = output.loss * float("nan")
+            return output
+
+        model.register_forward_hook(poison, with_kwargs=True)
+    if os.environ.get("FNSCALE_TEST_FAIL_LOAD_RANK") == rank:
+        real, failed = type(accelerator).load_state, []
+
+        def failing(self, path, *a, **k):
+            if not failed:
+                failed.append(path)
+                raise OSError(f"truncated checkpoint {path} (injected on rank {rank})")
+            return real(self, path, *a, **k)
+
+        type(accelerator).load_state = failing
+
+
 def _fail_model_writes() -> None:
     """This process's model saves write their files, then fail with a full disk (inside `save_final`'s main-only part)."""
     import errno
@@ -206,4 +237,7 @@ def _fail_model_writes() -> None:
 
 
 if __name__ == "__main__":
+    # As fnscale/__main__.py does: under DeepSpeed's launcher the repo root joins PYTHONPATH, and its kernels/ folder
+    # would shadow Hugging Face's `kernels` package; the installed fnscale is found without it.
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
     _probe_main()

@@ -73,13 +73,15 @@ def collate_packed(rows: list[dict], pad_id: int, flatten: bool = False) -> dict
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
 
 
-def batch_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens of a padded or a packed batch."""
+def batch_tokens(batch: dict, as_tensor: bool = False):
+    """Real (non-padding) tokens of a padded or a packed batch; `as_tensor`: a device tensor (no host sync)."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    pos = batch["position_ids"]
-    nxt = torch.nn.functional.pad(pos[:, 1:], (0, 1), value=0)
-    return int(pos.numel() - ((pos == 0) & (nxt != 1)).sum())
+        count = batch["attention_mask"].sum()
+    else:
+        pos = batch["position_ids"]
+        nxt = torch.nn.functional.pad(pos[:, 1:], (0, 1), value=0)
+        count = pos.numel() - ((pos == 0) & (nxt != 1)).sum()
+    return count if as_tensor else int(count)
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):

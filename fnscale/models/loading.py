@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fnscale.config import PRECISIONS
 from fnscale.errors import UsageError
 from fnscale.models.paths import DEFAULT_MODEL, DEFAULT_NAME, check_hub_model, converted_folder, default_gguf_path
 
@@ -50,6 +51,58 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How a run holds and computes its numbers.
+
+    `name`: the resolved --precision; `autocast`: Accelerate's mixed_precision ("no", "bf16", "fp16": autocast,
+    plus a GradScaler for fp16); `weights`: the dtype the model is loaded in; `compute`: the half dtype of
+    autocast and of 4-bit compute (fp32 when none). Trainable weights stay fp32 under *-mixed (the optimizer
+    updates fp32 master weights, as transformers' Trainer with bf16=True does); only bf16-true trains bf16 weights.
+    """
+
+    name: str
+    autocast: str
+    weights: torch.dtype
+    compute: torch.dtype
+
+
+def precision_plan(precision: str, dtype: str, device_type: str, bf16_supported: bool = True, lora: bool = False,
+                   quantized: bool = False, launch_mixed: str | None = None) -> PrecisionPlan:
+    """--precision and --dtype resolved for a device: a pure function, so every combination can be tested on CPU.
+
+    `auto` follows --dtype: bfloat16 -> bf16-mixed, float16 -> fp16-mixed, float32 -> fp32, auto -> bf16-mixed on
+    CUDA (fp16-mixed where bf16 is unsupported; the launch config's mixed_precision when it names one), fp32 on
+    other devices. LoRA loads the frozen base in the half dtype (adapters stay fp32, PEFT's default) to save memory.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if dtype not in ("auto", *DTYPES):
+        raise UsageError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    name = precision
+    if name == "auto":
+        if dtype != "auto":
+            name = {"bfloat16": "bf16-mixed", "float16": "fp16-mixed", "float32": "fp32"}[dtype]
+        elif launch_mixed in ("bf16", "fp16"):
+            name = f"{launch_mixed}-mixed"
+        elif device_type == "cuda":
+            name = "bf16-mixed" if bf16_supported else "fp16-mixed"
+        else:
+            name = "fp32"
+    if name == "fp16-mixed" and device_type == "cpu":
+        raise UsageError("fp16 training needs a GPU (Accelerate runs no fp16 autocast or GradScaler on the CPU); "
+                         "use --dtype bfloat16 or float32 on the CPU")
+    if name.startswith("bf16") and device_type == "cuda" and not bf16_supported:
+        raise UsageError(f"--precision {name}: this GPU does not support bfloat16; use fp16-mixed")
+    half = _HALF.get(name[:4], torch.float32)
+    autocast = name[:4] if name.endswith("-mixed") else "no"
+    weights = half if name == "bf16-true" or (autocast != "no" and (lora or quantized)) else torch.float32
+    return PrecisionPlan(name, autocast, weights, half)
 
 
 def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:

@@ -28,6 +28,7 @@ from fnscale import data
 from fnscale.config import TrainConfig
 from fnscale.continual import ewc
 from fnscale.data import packing
+from fnscale.data.tokenize import IGNORE
 from fnscale.errors import Interrupted, RunError, UsageError
 from fnscale.eval.scoring import RetentionProbe, sharded_loss
 from fnscale.masking.setup import setup_masks
@@ -40,10 +41,23 @@ from fnscale.preflight import check_template_fits_config, check_train_options
 from fnscale.recipes.build_networks import build_templates
 from fnscale.runtime import checkpoints, trackers
 from fnscale.runtime.atomic import atomic_dir, write_json
-from fnscale.runtime.distributed import check_quantized_launch, make_accelerator, raise_if_any_failed, zero3_gathering, zero3_init_disabled, zero_stage
+from fnscale.runtime.distributed import (
+    broadcast_from_main,
+    check_quantized_launch,
+    launch_device_type,
+    launch_mixed_precision,
+    make_accelerator,
+    raise_if_any_failed,
+    rank_failures,
+    uses_deepspeed,
+    zero3_gathering,
+    zero3_init_disabled,
+    zero_stage,
+)
 from fnscale.runtime.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
+STOP_CHECK_STEPS = 5  # under several ranks, the stop flag is all-reduced every this many optimizer steps
 
 
 @dataclass
@@ -63,64 +77,106 @@ class Progress:
 
 
 @dataclass
-class StepResult:
-    """What one micro-batch did: its loss and tokens, whether it closed an optimizer step, whether that was skipped."""
+class LogWindow:
+    """Sums since the last logged step, kept on the device so nothing waits for the host until the log line.
 
-    loss: float
-    tokens: int
-    bad: bool  # non-finite loss or gradient on some rank: no backward, and a closing step is skipped
-    synced: bool  # the last micro-batch of an accumulation: the optimizer stepped (or skipped)
-    grad_norm: float | None  # before clipping; None when not clipped or not synced
+    `nll` and `tokens` are this rank's summed token NLL and trained tokens over applied steps (the loss is their
+    ratio over all ranks: token-weighted, as each optimizer step's loss is); `tokens_seen` counts every real token.
+    """
+
+    device: torch.device
+    nll: torch.Tensor = None
+    tokens: torch.Tensor = None
+    tokens_seen: torch.Tensor = None
+    t0: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.nll, self.tokens, self.tokens_seen = zero.clone(), zero.clone(), zero.clone()
+
+    def add(self, step: StepSums) -> None:
+        self.nll += step.nll
+        self.tokens += step.tokens
+        self.tokens_seen += step.tokens_seen
+
+    def totals(self, accelerator) -> tuple[float, int, float]:
+        """(loss per trained token over all ranks, real tokens summed over ranks, seconds since the window opened):
+        one reduce and one host sync per logged step."""
+        elapsed = time.time() - self.t0
+        sums = torch.stack([self.nll, self.tokens, self.tokens_seen])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        nll, tokens, seen = sums.tolist()
+        return (nll / tokens if tokens else float("nan")), int(seen), elapsed
 
 
 @dataclass
-class LogWindow:
-    """This rank's loss and token sums over the micro-batches since the last logged step."""
+class StepSums:
+    """One optimizer step on this rank, as device tensors: summed token NLL, trained tokens, real tokens."""
 
-    loss: float = 0.0
-    batches: int = 0
-    tokens: int = 0
-    t0: float = field(default_factory=time.time)
+    nll: torch.Tensor
+    tokens: torch.Tensor
+    tokens_seen: torch.Tensor
 
-    def add(self, result: StepResult) -> None:
-        self.loss += result.loss
-        self.batches += 1
-        self.tokens += result.tokens
 
-    def totals(self, accelerator) -> tuple[float, int, float]:
-        """(mean loss averaged over ranks, tokens summed over ranks, seconds since the window opened)."""
-        elapsed = time.time() - self.t0
-        tokens = int(accelerator.reduce(torch.tensor(self.tokens, device=accelerator.device), reduction="sum"))
-        mean = torch.tensor(self.loss / max(1, self.batches), device=accelerator.device)
-        return float(accelerator.reduce(mean, reduction="mean")), tokens, elapsed
+@dataclass
+class Prepared:
+    """What the recipe prepares for the loop, wrapped by Accelerate (the validation loader stays unprepared)."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    masker: object | None
+    total_steps: int
 
 
 # ---------------------------------------------------------------- the pieces a caller may swap (see `train`)
 
 
+def precision(cfg: TrainConfig, device_type: str) -> loading.PrecisionPlan:
+    """The run's precision plan (see `loading.precision_plan`) on this launch's device."""
+    bf16 = device_type != "cuda" or torch.cuda.is_bf16_supported()
+    return loading.precision_plan(cfg.precision, cfg.dtype, device_type, bf16, lora=cfg.lora,
+                                  quantized=cfg.load_in_4bit or cfg.load_in_8bit, launch_mixed=launch_mixed_precision())
+
+
 def build_model(cfg: TrainConfig, accelerator):
-    """Tokenizer and model (with LoRA/QLoRA when asked); the main process converts GGUF first."""
+    """Tokenizer and model (with LoRA/QLoRA when asked) in the precision plan's dtype; GGUF converted first."""
     with accelerator.main_process_first():
         source = loading.resolve_model(cfg.model, cfg.gguf_file)
     tokenizer = loading.load_tokenizer(source, cfg.trust_remote_code)
-    dtype = loading.resolve_dtype(cfg.dtype, accelerator.device)
-    quant = loading.quantization_config(cfg.load_in_4bit, cfg.load_in_8bit, accelerator.device, dtype)
+    plan = precision(cfg, accelerator.device.type)
+    quant = loading.quantization_config(cfg.load_in_4bit, cfg.load_in_8bit, accelerator.device, plan.compute)
     if quant is not None and not cfg.lora:
         raise UsageError("--load-in-4bit/--load-in-8bit train an adapter; drop --no-lora")
     if quant is not None:  # 8-bit + ZeRO-3, 4-bit storage dtype vs DeepSpeed's bf16/fp16 cast
-        check_quantized_launch(accelerator, cfg.load_in_4bit, cfg.load_in_8bit, dtype)
+        check_quantized_launch(accelerator, cfg.load_in_4bit, cfg.load_in_8bit, plan.compute)
     device_map = {"": accelerator.device} if quant is not None and zero_stage(accelerator) != 3 else None
-    model = loading.load_model(source, dtype, quant, cfg.trust_remote_code, device_map=device_map)
-    if dtype == torch.float16 and not quant:
-        # fp16 master weights diverge under AdamW; keep trainable weights in fp32, autocast does the rest.
-        model = model.float()
+    model = loading.load_model(source, plan.weights, quant, cfg.trust_remote_code, device_map=device_map)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if cfg.lora:
         targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] if cfg.lora_target_modules else None
-        model = loading.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, quant is not None, cfg.gradient_checkpointing)
+        model = loading.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, quant is not None,
+                                 cfg.gradient_checkpointing)
     return source, tokenizer, model
+
+
+def place_model(model, accelerator) -> None:
+    """The model on the run's device before masks are set up, so computed networks capture where the batches go.
+
+    Left alone: parameters ZeRO-3 partitioned at load (`ds_id`) and quantized models (placed by their device map);
+    `prepare` places the rest on the same device later anyway.
+    """
+    if getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False):
+        return
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return
+    model.to(accelerator.device)
 
 
 def save_final(accelerator, model, tokenizer, cfg: TrainConfig) -> dict[str, str]:
@@ -167,82 +223,103 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     -> {name: path}` can be swapped: tests wrap them to record what each rank trained on, benchmarks to read peak memory.
     """
     # Checks and setup: cheap validation first, nothing heavy is loaded for a configuration that cannot run.
-    validate(cfg)
-    for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
-        data.check_source(source)
-    templates = check_train_options(cfg)  # the CLI runs it before importing torch; callers of train() get it here
+    templates = check(cfg)
     out = Path(cfg.output_dir)
     log_with = trackers.log_with(cfg.report_to, out)
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm, timeout_s=cfg.ddp_timeout)
+    mixed = precision(cfg, launch_device_type()).autocast
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm,
+                                   timeout_s=cfg.ddp_timeout, mixed_precision=mixed)
     _check_writable(out, accelerator)
     if templates is not None:  # config.json only: a template for another model is refused before the weights load
         with accelerator.main_process_first():
             check_template_fits_config(templates, loading.resolve_model(cfg.model, cfg.gguf_file).path)
     set_seed(cfg.seed)
 
-    # Model, data and (optionally) functional-network masks, built from templates or computed on the training data.
+    # Model, data, masks (from templates, or networks computed on the training data), optimizer, prepared.
     source, tokenizer, model = build_model(cfg, accelerator)
-    attn = attention.configure(model, cfg.attn_implementation, cfg.packing, accelerator.device)
     sft = _sft_data(cfg, tokenizer)
-    if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
-        freeze_outside_mlps(model)
-    masker = _masker(cfg, model, tokenizer, sft, accelerator, source.display_name, templates)
-    ewc.install(cfg, model, accelerator)  # EWC gradient hooks when --ewc-state is given (fnscale cl), else nothing
-
-    # Data loaders, optimizer and LR schedule, wrapped by Accelerate.
-    train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
-    total_steps = _total_steps(cfg, len(train_loader), accelerator.num_processes)
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, masker.no_decay_params() if masker is not None else None)
-    if masker is not None:
-        masker.bind_optimizer(optimizer)  # --optimizer-slices: the deltas' weight decay
-    scheduler = make_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    # The validation loader stays unprepared: `sharded_loss` deals its batches to ranks itself, each sample once.
-
-    # Retention before training: on the unmasked base, before masks go on and before any resume.
-    retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size) if cfg.eval_retention else None
-    retention_before = retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before") if retention else None
-    if masker is not None:
-        masker.attach(accelerator.unwrap_model(model))
+    prepared, retention, retention_before = prepare(cfg, accelerator, model, tokenizer, sft, source.display_name,
+                                                    templates)
 
     # Resume, then open the metrics (metrics.jsonl continues from the resumed step) and trackers.
     progress = resume(accelerator, cfg.resume_from_checkpoint, out)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) if accelerator.is_main_process else None
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
+        if accelerator.is_main_process else None
     if log_with:
         accelerator.init_trackers(trackers.PROJECT, config=_tracker_config(cfg))
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, metrics, total_steps)
-    trainer.log({"step": progress.step, "examples": sft.counts})
-    if retention_before is not None:
-        trainer.log({"step": progress.step, **retention_before, **retention.describe()})
-    if masker is not None:
-        trainer.log({"step": progress.step, **masker.stats()})
+    trainer = Trainer(cfg, prepared, metrics)
+    for record in ({"examples": sft.counts}, retention_before, prepared.masker and prepared.masker.stats()):
+        if record:
+            trainer.log({"step": progress.step, **record})
 
     # The loop: optimizer steps until total_steps, or until SIGTERM/SIGUSR1 (which checkpoints first).
     start = time.time()
-    show = accelerator.is_local_main_process
-    with StopRequested() as stop, tqdm(total=total_steps, initial=progress.step, disable=not show, desc="train", dynamic_ncols=True) as bar:
+    quiet = not accelerator.is_local_main_process
+    with StopRequested() as stop, tqdm(total=prepared.total_steps, initial=progress.step, disable=quiet, desc="train",
+                                       dynamic_ncols=True) as bar:
         trainer.run(progress, stop, bar)
 
     # Finish: one exit path. A run stopped by a signal has its checkpoint and skips the final evaluation and save.
-    summary = {"steps": progress.step, "total_steps": total_steps, "final_loss": progress.last_loss, "model": source.display_name,
-               "output_dir": str(out), "examples": sft.counts}
+    summary = {"steps": progress.step, "total_steps": prepared.total_steps, "final_loss": progress.last_loss,
+               "model": source.display_name, "output_dir": str(out), "examples": sft.counts}
     if progress.stopped_by_signal:
         summary["stopped"] = "signal"
         if not stop.interrupted:
             accelerator.print(f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto")
     else:
         summary.update(trainer.final_scores(progress.step, retention))
-        summary.update(save_final(accelerator, model, tokenizer, cfg))
+        summary.update(save_final(accelerator, prepared.model, tokenizer, cfg))
         summary["train_time_s"] = round(time.time() - start, 2)
         summary["tokens_per_s"] = round(progress.tokens_total / max(1e-9, summary["train_time_s"]), 1)
         _publish(accelerator, cfg, summary)
     accelerator.end_training()
     if progress.stopped_by_signal and stop.interrupted:  # Ctrl-C: exit 130, like any interrupted command
-        raise Interrupted(f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same command and --resume-from-checkpoint auto")
+        raise Interrupted(f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same "
+                          "command and --resume-from-checkpoint auto")
     return summary
 
 
+def prepare(cfg: TrainConfig, accelerator, model, tokenizer, sft, model_name: str, templates):
+    """Masks, loaders, optimizer and schedule, wrapped by Accelerate; retention measured on the unmasked base.
+
+    Returns (Prepared, the retention probe or None, its scores before training or None).
+    """
+    attn = attention.configure(model, cfg.attn_implementation, cfg.packing, accelerator.device)
+    place_model(model, accelerator)  # computed networks capture on the run's device
+    if not cfg.train_attention:  # before the masks' guard and the optimizer: only MLP weights train
+        freeze_outside_mlps(model)
+    masker = _masker(cfg, model, tokenizer, sft, accelerator, model_name, templates)
+    ewc.install(cfg, model, accelerator)  # EWC gradient hooks when --ewc-state is given (fnscale cl), else nothing
+    train_loader, val_loader = _loaders(cfg, sft, tokenizer, flatten=attn == "flash_attention_2")
+    total_steps = _total_steps(cfg, len(train_loader), accelerator.num_processes)
+    no_decay = masker.no_decay_params() if masker is not None else None
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, no_decay)
+    if masker is not None:
+        masker.bind_optimizer(optimizer)  # --optimizer-slices: the deltas' weight decay
+    scheduler = make_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    # The validation loader stays unprepared: `sharded_loss` deals its batches to ranks itself, each sample once.
+    retention, before = None, None
+    if cfg.eval_retention:
+        retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size)
+        before = {**retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before"),
+                  **retention.describe()}
+    if masker is not None:  # after retention-before: it measures the unmasked base
+        masker.attach(accelerator.unwrap_model(model))
+    prepared = Prepared(accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, total_steps)
+    return prepared, retention, before
+
+
 # ---------------------------------------------------------------- setup
+
+
+def check(cfg: TrainConfig):
+    """All checks that need no model: options, data sources, templates (returned when given, else None)."""
+    validate(cfg)
+    for source in (cfg.dataset, cfg.validation_dataset, *cfg.eval_retention):
+        data.check_source(source)
+    precision(cfg, launch_device_type())  # an impossible --precision/--dtype is refused before anything loads
+    return check_train_options(cfg)  # the CLI runs it before importing torch; callers of train() get it here
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -340,18 +417,37 @@ def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int, n_processes: i
 
 
 def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
-    """Load the newest loadable checkpoint (a corrupt one is skipped with a warning); returns where the run continues."""
-    for ckpt in checkpoints.resolve_resume(resume_from, out):
+    """Load the newest checkpoint every rank can load; returns where the run continues.
+
+    The main process picks the candidates and every rank tries them in that order; after each attempt the ranks
+    share whether any failed, so all fall back to the previous checkpoint together. A load that fails everywhere
+    leaves possibly half-loaded weights: that stops the run instead of training them from step 0.
+    """
+    try:
+        found, error = [str(p) for p in checkpoints.resolve_resume(resume_from, out)], None
+    except UsageError as err:
+        found, error = [], str(err)
+    found, error = broadcast_from_main((found, error), accelerator) if accelerator.is_main_process \
+        else broadcast_from_main(None, accelerator)
+    if error:
+        raise UsageError(error)
+    for ckpt in found:
         try:
-            accelerator.load_state(str(ckpt))
-        except Exception as err:  # a truncated or corrupt file
-            log.warning("cannot load checkpoint %s (%s); trying the previous one", ckpt, type(err).__name__)
+            accelerator.load_state(ckpt)
+            err = None
+        except Exception as exc:  # a truncated or corrupt file, on this rank or another
+            err = exc
+        failed = rank_failures(accelerator, err)
+        if failed:
+            rank, msg = failed[0]
+            log.warning("cannot load checkpoint %s (rank %d: %s); trying the previous one", ckpt, rank, msg)
             continue
-        state = checkpoints.read_state(ckpt)
+        state = broadcast_from_main(checkpoints.read_state(Path(ckpt)), accelerator)
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
         return Progress(step=state["step"], epoch=state["epoch"], batches_done=state["batches_in_epoch"])
-    if resume_from and resume_from != "auto":
-        raise UsageError(f"could not load checkpoint {resume_from}")
+    if found:
+        raise RunError(f"no checkpoint in {out} loads on every rank ({len(found)} tried); remove the broken ones or "
+                       "start without --resume-from-checkpoint")
     return Progress()
 
 
@@ -359,68 +455,92 @@ def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
 
 
 class Trainer:
-    """The prepared objects of one run and what happens to them: optimizer steps, logging, evaluation, checkpoints."""
+    """The prepared objects of one run and what happens to them: optimizer steps, logging, evaluation, checkpoints.
 
-    def __init__(self, cfg: TrainConfig, accelerator, model, optimizer, scheduler, train_loader, val_loader, masker,
-                 metrics: MetricsLog | None, total_steps: int):
-        self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
-        self.train_loader, self.val_loader, self.masker, self.metrics, self.total_steps = train_loader, val_loader, masker, metrics, total_steps
-        self.window = LogWindow()  # reopened when the loop starts
+    One optimizer step is one window of up to --gradient-accumulation-steps micro-batches. Its loss is the summed
+    token NLL over the window's micro-batches and all ranks divided by the number of trained tokens in them (the
+    global count, reduced once per step), so 1 x 8, 2 x 4 and 4 x 2 micro-batches, on any number of ranks, give
+    the same loss and gradients. Backward runs on every micro-batch (DeepSpeed steps inside the last one); a step
+    with a non-finite gradient is skipped whole: by the GradScaler under fp16, by DeepSpeed's overflow check under
+    DeepSpeed, else by the gradient norm (the one host sync of a step). Losses stay on the device until a log line.
+    """
+
+    def __init__(self, cfg: TrainConfig, prepared: Prepared, metrics: MetricsLog | None):
+        self.cfg, self.p, self.metrics = cfg, prepared, metrics
+        self.accelerator, self.model, self.optimizer = prepared.accelerator, prepared.model, prepared.optimizer
+        self.total_steps = prepared.total_steps
+        self.window = LogWindow(self.accelerator.device)  # reopened when the loop starts
+        self.grad_norm = None  # the last applied step's norm (a tensor or float), read at the log line
         self._val_batches = None  # the validation batches, collated once
 
     def run(self, progress: Progress, stop: StopRequested, bar) -> None:
-        """Epochs of micro-batches until `total_steps`, or until a stop signal; `progress` is updated in place."""
+        """Epochs of optimizer steps until `total_steps`, or until a stop signal; `progress` is updated in place."""
         self.model.train()
-        self.window = LogWindow()
+        self.window = LogWindow(self.accelerator.device)
         while progress.step < self.total_steps and not progress.stopped_by_signal:
-            for batch in self._epoch_batches(progress):
-                progress.batches_done += 1
-                result = self.micro_step(batch)
-                if not result.bad:
-                    self.window.add(result)
-                if not result.synced:
-                    continue
-                if result.bad:
+            for window in _windows(self._epoch_batches(progress), self.cfg.gradient_accumulation_steps):
+                progress.batches_done += len(window)
+                sums, applied = self.optimizer_step(window)
+                if not applied:
                     self._skip_bad_step(progress)
                     continue
+                self.window.add(sums)
                 progress.step, progress.bad_in_row = progress.step + 1, 0
                 bar.update(1)
-                if self._after_step(progress, result.grad_norm, stop, bar):
+                if self._after_step(progress, stop, bar):
                     break
             if progress.step < self.total_steps and not progress.stopped_by_signal:  # the epoch ran out
                 progress.epoch, progress.batches_done = progress.epoch + 1, 0
 
     def _epoch_batches(self, progress: Progress):
         """This epoch's batches in its seeded order, minus those consumed before a resume."""
-        self.train_loader.set_epoch(progress.epoch)
+        loader = self.p.train_loader
+        loader.set_epoch(progress.epoch)
         if progress.batches_done:
-            return self.accelerator.skip_first_batches(self.train_loader, progress.batches_done)
-        return self.train_loader
+            return self.accelerator.skip_first_batches(loader, progress.batches_done)
+        return loader
 
-    def micro_step(self, batch) -> StepResult:
-        """Forward and backward of one micro-batch; at an accumulation boundary, clip and step, or skip a non-finite step."""
-        acc, grad_norm = self.accelerator, None
-        with acc.accumulate(self.model):
-            loss = self.model(**batch).loss
-            bad = _any_rank(acc, not torch.isfinite(loss).item())
-            if not bad:
-                acc.backward(loss)
-            synced = acc.sync_gradients
-            if synced and not bad and self.cfg.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-                grad_norm = float(grad_norm) if grad_norm is not None else None
-                bad = grad_norm is not None and not math.isfinite(grad_norm)
-            if synced:
-                self._apply_or_skip(bad)
-        return StepResult(float(loss.detach()), packing.batch_tokens(batch), bad, synced, grad_norm)
+    def optimizer_step(self, window: list[dict]) -> tuple[StepSums, bool]:
+        """Forward and backward of the window's micro-batches, then clip and step (or skip); (sums, applied)."""
+        acc = self.accelerator
+        counts = [trained_tokens(b) for b in window]
+        local = torch.stack(counts).sum()
+        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        # Accelerate (and DeepSpeed) divide the loss by the accumulation steps and DDP averages over ranks: undone here.
+        scale = acc.gradient_accumulation_steps * acc.num_processes / total.clamp(min=1).to(torch.float32)
+        nll_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for i, batch in enumerate(window):
+            last = i == len(window) - 1
+            acc.gradient_state._set_sync_gradients(last)  # as transformers' Trainer does: the window decides
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                nll = token_nll(self.model, batch)
+                acc.backward(nll * scale)  # DeepSpeed runs engine.step() inside the last one
+            nll_sum += nll.detach().double()
+        applied = self._apply()
+        seen = sum(packing.batch_tokens(b, as_tensor=True) for b in window)
+        return StepSums(nll_sum, local.double(), seen.double()), applied
 
-    def _apply_or_skip(self, bad: bool) -> None:
-        if not bad:
+    def _apply(self) -> bool:
+        """Clip and step after the window's last backward; False when the step was skipped as non-finite."""
+        acc, cfg = self.accelerator, self.cfg
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: the norm, no clipping
+        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # unscales first under fp16
+        if uses_deepspeed(acc) or acc.scaler is not None:
+            # DeepSpeed: a no-op (the engine stepped in backward); GradScaler: skips an inf step, updates the scale
             self.optimizer.step()
-            self.scheduler.step()
+            applied = not self.optimizer.step_was_skipped
+        else:
+            # the step's one host sync; under DDP the norm of the reduced gradients, the same on every rank
+            applied = bool(torch.isfinite(torch.as_tensor(norm)).item())
+            if applied:
+                self.optimizer.step()
+        if applied:
+            self.p.scheduler.step()
+            self.grad_norm = norm if cfg.max_grad_norm > 0 else None
+            if self.p.masker is not None:
+                self.p.masker.after_step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not bad and self.masker is not None:
-            self.masker.after_step()
+        return applied
 
     def _skip_bad_step(self, progress: Progress) -> None:
         progress.bad_in_row += 1
@@ -430,44 +550,48 @@ class Trainer:
                 f"{progress.bad_in_row} non-finite steps in a row; lower --learning-rate or use --dtype float32/bfloat16 (last good checkpoint kept)"
             )
 
-    def _after_step(self, progress: Progress, grad_norm: float | None, stop: StopRequested, bar) -> bool:
+    def _after_step(self, progress: Progress, stop: StopRequested, bar) -> bool:
         """Log, evaluate and checkpoint as scheduled after a good optimizer step; True when the run should end."""
         cfg, step = self.cfg, progress.step
         if step % cfg.logging_steps == 0 or step == self.total_steps:
-            self._log_window(progress, grad_norm, bar)
-        if self.val_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < self.total_steps:
+            self._log_window(progress, bar)
+        evaluate = self.p.val_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0
+        if evaluate and step < self.total_steps:
             self.log({"step": step, "eval_loss": self.evaluate()})
-        progress.stopped_by_signal = _any_rank(self.accelerator, stop.flag)
+        if self.accelerator.num_processes == 1 or step % STOP_CHECK_STEPS == 0:  # the ranks agree through a collective
+            progress.stopped_by_signal = _any_rank(self.accelerator, stop.flag)
         if (cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.total_steps) or progress.stopped_by_signal:
             save_checkpoint(self.accelerator, cfg, progress.checkpoint_state())
         return progress.stopped_by_signal or step >= self.total_steps
 
-    def _log_window(self, progress: Progress, grad_norm: float | None, bar) -> None:
+    def _log_window(self, progress: Progress, bar) -> None:
         loss, tokens, elapsed = self.window.totals(self.accelerator)
         progress.tokens_total += tokens
         progress.last_loss = loss
+        norm = None if self.grad_norm is None else float(self.grad_norm)
+        epoch = progress.epoch + progress.batches_done / max(1, len(self.p.train_loader))
         self.log({
-            "step": progress.step, "epoch": round(progress.epoch + progress.batches_done / max(1, len(self.train_loader)), 4), "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "step_time_s": elapsed / max(1, self.cfg.logging_steps),
+            "step": progress.step, "epoch": round(epoch, 4), "loss": loss, "lr": self.p.scheduler.get_last_lr()[0],
+            "grad_norm": norm, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "step_time_s": elapsed / max(1, self.cfg.logging_steps),
         })
         bar.set_postfix(loss=f"{loss:.4f}")
-        self.window = LogWindow()
+        self.window = LogWindow(self.accelerator.device)
 
     def evaluate(self) -> float:
         """Validation loss per scored token: each sample counted once, whatever the number of ranks."""
         if self._val_batches is None:
-            self._val_batches = list(self.val_loader)
+            self._val_batches = list(self.p.val_loader)
         return sharded_loss(self.model, self._val_batches, self.accelerator)
 
     def final_scores(self, step: int, retention: RetentionProbe | None) -> dict:
         """Validation loss, then the masks come off (the saved model runs unmasked) and retention is measured after training."""
         scores = {}
-        if self.val_loader is not None:
+        if self.p.val_loader is not None:
             scores["eval_loss"] = self.evaluate()
             self.log({"step": step, "eval_loss": scores["eval_loss"]})
-        if self.masker is not None:
-            self.masker.remove()
+        if self.p.masker is not None:
+            self.p.masker.remove()
         if retention is not None:
             after = retention.measure(self.accelerator.unwrap_model(self.model), self.accelerator, prefix="retention_after")
             self.log({"step": step, **after})
@@ -552,6 +676,32 @@ def _any_rank(accelerator, flag: bool) -> bool:
     """True on every rank if it is true on one, so all ranks take the same branch."""
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0) if accelerator.num_processes > 1 else flag
+
+
+def _windows(batches, size: int):
+    """The micro-batches of each optimizer step: lists of `size`, the last one of an epoch shorter when they run out."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def trained_tokens(batch: dict) -> torch.Tensor:
+    """Labelled next-token targets of a micro-batch (a device tensor): what its summed NLL is divided by."""
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
+def token_nll(model, batch: dict) -> torch.Tensor:
+    """Summed next-token NLL (fp32) over a micro-batch's labelled targets: transformers' causal-LM loss, unreduced."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    target = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
 
 
 def _masker(cfg, model, tokenizer, sft, accelerator, model_name: str, templates: Templates | None):

@@ -129,13 +129,34 @@ def _auto_deepspeed_precision() -> None:
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
+def launch_device_type() -> str:
+    """The device type the Accelerator of this process will pick ("cpu", "cuda", "xpu", "mps"), before it exists."""
+    import torch
+
+    if _use_cpu():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        return "xpu"
+    return "mps"
+
+
+def launch_mixed_precision() -> str | None:
+    """The launch config's mixed_precision ("bf16", "fp16"), or None when it names none."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    return value if value in ("bf16", "fp16") else None
+
+
 def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | None = None, log_with: str | None = None,
-                     max_grad_norm: float | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+                     max_grad_norm: float | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     mixed_precision: str | None = None):
     """An Accelerator whose process group uses gloo on CPU (NCCL cannot run there), seeded data order.
 
     Under DeepSpeed, clipping happens inside the engine: `max_grad_norm` fills the config's "auto"
     gradient_clipping (Accelerate would otherwise put 1.0 there whatever the run asked for).
     `timeout_s` bounds every collective (--ddp-timeout): a rank stuck in a live but silent peer gives up after it.
+    `mixed_precision` ("no", "bf16", "fp16"; None: the launch config's) applies outside DeepSpeed, whose JSON decides.
     """
     check_launch_env()
     from accelerate import Accelerator
@@ -153,8 +174,13 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
             os.environ["ACCELERATE_USE_CPU"] = "false"
         elif cpu:
             force_cpu = True  # MULTI_CPU: DDP over gloo
+    if _requested_deepspeed():
+        mixed_precision = None
+    if not multi and mixed_precision is not None:
+        _forget_other_precision(mixed_precision)
     accelerator = Accelerator(
         cpu=force_cpu,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir) if project_dir else None,
@@ -179,6 +205,16 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
     if accelerator.is_main_process:
         log.info("distributed: %s", describe(accelerator))
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """One process that runs train() twice (tests, notebooks) with another precision: Accelerate keeps its state per
+    process and refuses a change, so the stale state is dropped (a launched rank builds one Accelerator)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def describe(accelerator) -> str:
@@ -375,20 +411,26 @@ def _describe_error(err: BaseException) -> str:
     return str(err) if isinstance(err, FnscaleError) else f"{type(err).__name__}: {err}"
 
 
+def rank_failures(accelerator, error: BaseException | None) -> list[tuple[int, str]]:
+    """(rank, message) of every rank that failed, the same list on every rank (one object gather)."""
+    if accelerator.num_processes == 1:
+        return [] if error is None else [(accelerator.process_index, _describe_error(error))]
+    import torch.distributed as dist
+
+    statuses = [None] * accelerator.num_processes
+    dist.all_gather_object(statuses, None if error is None else _describe_error(error))
+    return [(rank, msg) for rank, msg in enumerate(statuses) if msg is not None]
+
+
 def raise_if_any_failed(accelerator, error: BaseException | None, what: str) -> None:
     """A status exchange in place of a barrier: every rank learns whether one failed during `what`, and all raise.
 
     The failing rank re-raises its own error (its exit code and message); the others raise a RunError that quotes
     it, so no rank waits on a peer that is exiting. With one process the error is simply re-raised.
     """
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        statuses = [None] * accelerator.num_processes
-        dist.all_gather_object(statuses, None if error is None else _describe_error(error))
-        failed = [(rank, msg) for rank, msg in enumerate(statuses) if msg is not None]
-        if failed and error is None:
-            rank, msg = failed[0]
-            raise RunError(f"rank {rank} failed while {what}: {msg}")
+    failed = rank_failures(accelerator, error)
+    if failed and error is None:
+        rank, msg = failed[0]
+        raise RunError(f"rank {rank} failed while {what}: {msg}")
     if error is not None:
         raise error
