@@ -22,11 +22,21 @@ specials = ["<pad>", "<unk>", "<s>", "</s>"]
 tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
 tk.normalizer = normalizers.Lowercase()
 tk.pre_tokenizer = pre_tokenizers.Whitespace()
-tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                              eos_token="</s>")
+tok = PreTrainedTokenizerFast(
+    tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+)
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                     pad_token_id=0, bos_token_id=2, eos_token_id=3)
+config = LlamaConfig(
+    vocab_size=len(tok),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=3,
+)
 LlamaForCausalLM(config).save_pretrained(sys.argv[1])
 tok.save_pretrained(sys.argv[1])

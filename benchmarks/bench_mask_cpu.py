@@ -32,8 +32,14 @@ def load_model(path: str | None) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)
     config = LlamaConfig(  # SmolLM2-135M
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -89,10 +95,12 @@ def main() -> None:
     times: dict[str, list[tuple[float, float, float]]] = {c: [] for c in configs}
     paths: dict[str, str] = {"unmasked": "-"}
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model or 'random Llama, SmolLM2-135M shapes'} ({params / 1e6:.0f}M params, {n} layers, "
-          f"MLP width {width}); batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {args.model or 'random Llama, SmolLM2-135M shapes'} ({params / 1e6:.0f}M params, {n} layers, "
+        f"MLP width {width}); batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}"
+    )
     for rep in range(args.warmup + args.steps):
-        for name in configs[rep % 3:] + configs[: rep % 3]:  # rotate the order: no config always runs first
+        for name in configs[rep % 3 :] + configs[: rep % 3]:  # rotate the order: no config always runs first
             handle = apply_masks(model, masks[name], kernel="torch") if name in masks else None
             if handle is not None:
                 paths[name] = ",".join(sorted(set(handle.paths.values())))
@@ -102,25 +110,37 @@ def main() -> None:
             if rep >= args.warmup:
                 times[name].append(elapsed)
         if rep >= args.warmup:
-            print(f"  round {rep + 1 - args.warmup}/{args.steps}: "
-                  + ", ".join(f"{c} {t[-1][0]:.2f}s" for c, t in times.items()) + " (cpu)", flush=True)
+            print(
+                f"  round {rep + 1 - args.warmup}/{args.steps}: "
+                + ", ".join(f"{c} {t[-1][0]:.2f}s" for c, t in times.items())
+                + " (cpu)",
+                flush=True,
+            )
     restore = {name: statistics.median(cpu_seconds(g.restore) for _ in range(3)) for name, g in guards.items()}
 
     def paired(name: str, i: int) -> float:
         """Median over rounds of this config's time / unmasked time in the same round (cancels drift)."""
         return statistics.median(a[i] / b[i] for a, b in zip(times[name], times["unmasked"]))
 
-    labels = {"unmasked": "unmasked full FT", "lesion": f"lesion {args.lesion:.0%}", "preserve": f"preserve {args.preserve:.0%} kept"}
+    labels = {
+        "unmasked": "unmasked full FT",
+        "lesion": f"lesion {args.lesion:.0%}",
+        "preserve": f"preserve {args.preserve:.0%} kept",
+    }
     print("\nmedian per train step (forward + backward + AdamW); ratio = median of per-round ratios to unmasked")
-    print(f"{'configuration':<22}{'path':<9}{'cpu s':>7}{'ratio':>7}{'fwd+bwd s':>10}{'ratio':>7}{'wall s':>8}{'ratio':>7}"
-          f"{'restore s':>10}  target (cpu ratio)")
+    print(
+        f"{'configuration':<22}{'path':<9}{'cpu s':>7}{'ratio':>7}{'fwd+bwd s':>10}{'ratio':>7}{'wall s':>8}{'ratio':>7}"
+        f"{'restore s':>10}  target (cpu ratio)"
+    )
     for name in configs:
         cpu, fb, wall = (statistics.median(t[i] for t in times[name]) for i in range(3))
         target = TARGETS.get(name)
         verdict = "" if target is None else f"{target[0]} ({'met' if paired(name, 0) <= target[1] else 'NOT met'})"
         rest = f"{restore[name]:>10.3f}" if name in restore else f"{'-':>10}"
-        print(f"{labels[name]:<22}{paths[name]:<9}{cpu:>7.2f}{paired(name, 0):>7.3f}{fb:>10.2f}{paired(name, 1):>7.3f}"
-              f"{wall:>8.2f}{paired(name, 2):>7.3f}{rest}  {verdict}")
+        print(
+            f"{labels[name]:<22}{paths[name]:<9}{cpu:>7.2f}{paired(name, 0):>7.3f}{fb:>10.2f}{paired(name, 1):>7.3f}"
+            f"{wall:>8.2f}{paired(name, 2):>7.3f}{rest}  {verdict}"
+        )
     print("restore s: one guard.restore() (CPU s), paid before each save, or per step if called every step")
     mlp_alone(model, masks, args, labels)
 
@@ -138,7 +158,7 @@ def mlp_alone(model, masks, args, labels) -> None:
         mlp(x).backward(dy)
 
     for rep in range(args.mlp_rounds + 2):
-        for name in list(labels)[rep % 3:] + list(labels)[: rep % 3]:
+        for name in list(labels)[rep % 3 :] + list(labels)[: rep % 3]:
             handle = apply_masks(model, masks[name], kernel="torch") if name in masks else None
             elapsed = cpu_seconds(run)
             x.grad = None

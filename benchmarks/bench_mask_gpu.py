@@ -86,7 +86,9 @@ def main() -> None:
     parser.add_argument("--lesion", type=float, default=0.02, help="share of neurons masked")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1 + tiny shapes; timings meaningless")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1 + tiny shapes; timings meaningless"
+    )
     args = parser.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
@@ -108,14 +110,22 @@ def main() -> None:
     masked = torch.randperm(width, generator=g)[: max(1, round(args.lesion * width))].tolist()
     masks = build_masks({0: masked}, "lesion", 1, width)
     mask = masks[0].to(device, dtype)
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}; tokens {n}, hidden {h}, "
-          f"intermediate {width}, {dtype}, {len(masked)} neurons masked ({args.lesion:.0%}); median of {args.iters}")
+    print(
+        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}; tokens {n}, hidden {h}, "
+        f"intermediate {width}, {dtype}, {len(masked)} neurons masked ({args.lesion:.0%}); median of {args.iters}"
+    )
 
     op_ms = time_activation_ops(args, n, width, mask, device, dtype, triton_gated_act_mul_mask)
 
     # Whole MLP through apply_masks.
-    config = LlamaConfig(hidden_size=h, intermediate_size=width, num_hidden_layers=1, num_attention_heads=max(1, h // 64),
-                         num_key_value_heads=max(1, h // 256), vocab_size=256)
+    config = LlamaConfig(
+        hidden_size=h,
+        intermediate_size=width,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, h // 64),
+        num_key_value_heads=max(1, h // 256),
+        vocab_size=256,
+    )
     model = LlamaForCausalLM(config).to(device, dtype)
     mlp = model.model.layers[0].mlp
     x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
@@ -126,7 +136,11 @@ def main() -> None:
         mlp.zero_grad(set_to_none=True)
 
     mlp_ms, mlp_saved = {}, {}
-    for name, kernel in (("eager MLP (unmasked)", None), ("eager MLP + hook", "torch"), ("fused MLP (Triton)", "triton")):
+    for name, kernel in (
+        ("eager MLP (unmasked)", None),
+        ("eager MLP + hook", "torch"),
+        ("fused MLP (Triton)", "triton"),
+    ):
         handle = apply_masks(model, masks, kernel=kernel, compact=False) if kernel else None
         assert handle is None or handle.paths[0] == {"torch": "hook", "triton": "triton"}[kernel]
         mlp_ms[name] = timer(lambda: mlp(x).backward(dy), args.iters, args.warmup, device, reset_mlp)
@@ -136,16 +150,33 @@ def main() -> None:
 
     def table(title, ms, baseline, masked_eager, fused, saved=None):
         print(f"\n{title}")
-        print(f"  {'variant':<28}{'ms':>9}{'vs unmasked':>13}{'speedup vs hook':>17}" + ("  saved for bwd" if saved else ""))
+        print(
+            f"  {'variant':<28}{'ms':>9}{'vs unmasked':>13}{'speedup vs hook':>17}"
+            + ("  saved for bwd" if saved else "")
+        )
         for name, value in ms.items():
             extra = f"{saved[name] / 2**20:>12.0f} MiB" if saved else ""
             print(f"  {name:<28}{value:>9.3f}{value / ms[baseline]:>13.3f}{ms[masked_eager] / value:>17.2f}{extra}")
-        print(f"  fused vs eager+hook: {ms[masked_eager] / ms[fused]:.2f}x faster; "
-              f"eager+hook / unmasked: {ms[masked_eager] / ms[baseline]:.3f}; fused / unmasked: {ms[fused] / ms[baseline]:.3f}")
+        print(
+            f"  fused vs eager+hook: {ms[masked_eager] / ms[fused]:.2f}x faster; "
+            f"eager+hook / unmasked: {ms[masked_eager] / ms[baseline]:.3f}; fused / unmasked: {ms[fused] / ms[baseline]:.3f}"
+        )
 
-    table("activation op, forward + backward", op_ms, "eager silu*up (unmasked)", "eager silu*up*mask (hook)", "fused Triton")
-    table("whole MLP, forward + backward", mlp_ms, "eager MLP (unmasked)", "eager MLP + hook", "fused MLP (Triton)",
-          mlp_saved if device == "cuda" else None)
+    table(
+        "activation op, forward + backward",
+        op_ms,
+        "eager silu*up (unmasked)",
+        "eager silu*up*mask (hook)",
+        "fused Triton",
+    )
+    table(
+        "whole MLP, forward + backward",
+        mlp_ms,
+        "eager MLP (unmasked)",
+        "eager MLP + hook",
+        "fused MLP (Triton)",
+        mlp_saved if device == "cuda" else None,
+    )
     print(f"\n{TARGETS}")
 
 

@@ -30,16 +30,24 @@ def _model(tiny: bool):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
         return LlamaForCausalLM(cfg).eval(), 256
     source = loading.resolve_model(None)
     model = loading.load_model(source, torch.float32).eval()
     return model, model.config.vocab_size
 
 
-def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, components: int, device: str,
-           backend: str) -> dict:
+def _child(
+    mode: str, n_samples: int, seq: int, tiny: bool, site: str, components: int, device: str, backend: str
+) -> dict:
     import numpy as np
     import psutil
     import torch
@@ -58,14 +66,30 @@ def _child(mode: str, n_samples: int, seq: int, tiny: bool, site: str, component
                 model(input_ids=ids, attention_mask=attn, use_cache=False)
     else:
         budget = "auto" if mode == "default" else 0
-        build_templates(model, samples, n_components=components, percentile=98.0, site=site, batch_size=1,
-                        cache_budget_gb=budget, backend=backend, progress=False)
+        build_templates(
+            model,
+            samples,
+            n_components=components,
+            percentile=98.0,
+            site=site,
+            batch_size=1,
+            cache_budget_gb=budget,
+            backend=backend,
+            progress=False,
+        )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": mode, "samples": n_samples, "tokens": n_samples * seq, "seconds": seconds, "cpu_seconds": cpu,
-            "peak_rss_gb": peak / 2**30, "above_model_gb": (peak - rss_model) / 2**30}
+    return {
+        "mode": mode,
+        "samples": n_samples,
+        "tokens": n_samples * seq,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_gb": peak / 2**30,
+        "above_model_gb": (peak - rss_model) / 2**30,
+    }
 
 
 def main() -> None:
@@ -85,27 +109,50 @@ def main() -> None:
     rows = []
     for n in a.samples:
         for mode in ("forward", "default", "stream"):
-            cmd = [sys.executable, __file__, "--child", mode, "--samples", str(n), "--seq", str(a.seq), "--site", a.site,
-                   "--components", str(a.components), "--device", a.device, "--pca-backend", a.pca_backend]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--samples",
+                str(n),
+                "--seq",
+                str(a.seq),
+                "--site",
+                a.site,
+                "--components",
+                str(a.components),
+                "--device",
+                a.device,
+                "--pca-backend",
+                a.pca_backend,
+            ]
             cmd += ["--tiny"] if a.tiny else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {mode:8s} {n:5d} samples: {rows[-1]['seconds']:.1f} s wall, {rows[-1]['cpu_seconds']:.1f} s CPU",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {mode:8s} {n:5d} samples: {rows[-1]['seconds']:.1f} s wall, {rows[-1]['cpu_seconds']:.1f} s CPU",
+                file=sys.stderr,
+                flush=True,
+            )
     _table(rows, a.samples, "seconds", "wall time")
     _table(rows, a.samples, "cpu_seconds", "CPU time")
 
 
 def _table(rows: list[dict], samples: list[int], key: str, what: str) -> None:
     print(f"\n{what}:")
-    print("| tokens | forward alone | default (auto) | stream (--cache-budget-gb 0) | peak RSS forward / default / stream | above model default / stream |")
+    print(
+        "| tokens | forward alone | default (auto) | stream (--cache-budget-gb 0) | peak RSS forward / default / stream | above model default / stream |"
+    )
     print("|---|---|---|---|---|---|")
     for n in samples:
         r = {x["mode"]: x for x in rows if x["samples"] == n}
         f, d, s = (r[m][key] for m in ("forward", "default", "stream"))
-        print(f"| {r['forward']['tokens']:,} | {f:.1f} s | {d:.1f} s ({d / f:.2f}x) | {s:.1f} s ({s / f:.2f}x) "
-              f"| {r['forward']['peak_rss_gb']:.2f} / {r['default']['peak_rss_gb']:.2f} / {r['stream']['peak_rss_gb']:.2f} GB "
-              f"| {r['default']['above_model_gb']:.2f} / {r['stream']['above_model_gb']:.2f} GB |")
+        print(
+            f"| {r['forward']['tokens']:,} | {f:.1f} s | {d:.1f} s ({d / f:.2f}x) | {s:.1f} s ({s / f:.2f}x) "
+            f"| {r['forward']['peak_rss_gb']:.2f} / {r['default']['peak_rss_gb']:.2f} / {r['stream']['peak_rss_gb']:.2f} GB "
+            f"| {r['default']['above_model_gb']:.2f} / {r['stream']['above_model_gb']:.2f} GB |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the sun rises in the east and sets in the west water boils at one hundred degrees paris is the capital "
-         "of france berlin of germany rivers flow to the sea").split()
+WORDS = (
+    "the sun rises in the east and sets in the west water boils at one hundred degrees paris is the capital "
+    "of france berlin of germany rivers flow to the sea"
+).split()
 CONFIGS = ("fnscale unpacked", "fnscale --packing", "TRL SFTTrainer")
 BATCH, SEQ, LORA_R, LORA_ALPHA, LORA_DROPOUT, LR = 4, 128, 16, 32, 0.05, 2e-4
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,12 +46,24 @@ def write_data(folder: Path, rows: int, lengths: str = "short") -> tuple[Path, P
     """SFT examples (a 4-16 word question, an answer as `answer_words` draws it), as alpaca rows for fnscale and as
     conversational prompt/completion rows for TRL: both render them with the tokenizer's chat template."""
     rng = random.Random(0)
-    pairs = [(" ".join(rng.choices(WORDS, k=rng.randint(4, 16))) + " ?", " ".join(rng.choices(WORDS, k=answer_words(rng, lengths))) + " .")
-             for _ in range(rows)]
+    pairs = [
+        (
+            " ".join(rng.choices(WORDS, k=rng.randint(4, 16))) + " ?",
+            " ".join(rng.choices(WORDS, k=answer_words(rng, lengths))) + " .",
+        )
+        for _ in range(rows)
+    ]
     ours, trl = folder / "alpaca.jsonl", folder / "conversational.jsonl"
     ours.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in pairs))
-    trl.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}) + "\n"
-                           for q, a in pairs))
+    trl.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for q, a in pairs
+        )
+    )
     return ours, trl
 
 
@@ -61,12 +75,23 @@ def tiny_model(folder: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant :{% endif %}"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -91,8 +116,13 @@ class Meter:
             raise SystemExit(f"only {n} micro-batches ran; raise --steps")
         seconds = self.starts[-1] - self.starts[warmup]
         tokens = sum(self.tokens[warmup:-1])
-        return {"tokens_per_s": tokens / seconds, "seconds": seconds, "steps": n - 1 - warmup, "trained_tokens": tokens,
-                "tokens_per_step": tokens / (n - 1 - warmup)}
+        return {
+            "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
+            "steps": n - 1 - warmup,
+            "trained_tokens": tokens,
+            "tokens_per_step": tokens / (n - 1 - warmup),
+        }
 
 
 def run_fnscale(model: str, data: Path, out: Path, steps: int, packing: bool, meter: Meter) -> None:
@@ -104,10 +134,27 @@ def run_fnscale(model: str, data: Path, out: Path, steps: int, packing: bool, me
         m.register_forward_pre_hook(meter.hook, with_kwargs=True)
         return source, tokenizer, m
 
-    cfg = TrainConfig(model=model, dataset=(str(data),), output_dir=str(out), max_seq_length=SEQ, batch_size=BATCH, validation_split=0.0,
-                      lora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, lora_target_modules=",".join(LINEAR),
-                      learning_rate=LR, max_steps=steps, eval_steps=0, save_steps=0, report_to="none", dtype="float32",
-                      packing=packing, schema="alpaca")
+    cfg = TrainConfig(
+        model=model,
+        dataset=(str(data),),
+        output_dir=str(out),
+        max_seq_length=SEQ,
+        batch_size=BATCH,
+        validation_split=0.0,
+        lora=True,
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=LORA_DROPOUT,
+        lora_target_modules=",".join(LINEAR),
+        learning_rate=LR,
+        max_steps=steps,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        dtype="float32",
+        packing=packing,
+        schema="alpaca",
+    )
     train(cfg, build_model=build_and_hook, save_final=lambda *a, **k: {})
 
 
@@ -123,10 +170,29 @@ def run_trl(model: str, data: Path, out: Path, steps: int, meter: Meter) -> None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_length=SEQ, max_steps=steps, learning_rate=LR,
-                     use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6, packing=False, bf16=False, fp16=False,
-                     lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.01, max_grad_norm=1.0, seed=42, dataloader_num_workers=0)
-    peft = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=LINEAR, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        max_length=SEQ,
+        max_steps=steps,
+        learning_rate=LR,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        packing=False,
+        bf16=False,
+        fp16=False,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        seed=42,
+        dataloader_num_workers=0,
+    )
+    peft = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=LINEAR, task_type="CAUSAL_LM"
+    )
     trainer = SFTTrainer(model=m, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
     trainer.model.register_forward_pre_hook(meter.hook, with_kwargs=True)
     trainer.train()
@@ -145,20 +211,43 @@ def child(name: str, model: str, data: Path, steps: int, warmup: int) -> None:
 
 def run_child(name: str, model: str, data: Path, args) -> dict | None:
     """One configuration in a fresh process with the same threads; None (and a line on stderr) if it failed."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, __file__, "--child", name, "--model", model, "--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--model",
+        model,
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
-        print(f"{name}: failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
+        print(f"{name}: failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def table(results: list[dict]) -> str:
     base = next((r["tokens_per_s"] for r in results if r["name"] == "fnscale unpacked"), None)
-    rows = ["| configuration | trained tokens/s | trained tokens/step | timed steps | vs fnscale unpacked |", "|---|---|---|---|---|"]
+    rows = [
+        "| configuration | trained tokens/s | trained tokens/step | timed steps | vs fnscale unpacked |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         rows.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['tokens_per_step']:.1f} | {r['steps']} | {ratio} |")
@@ -172,8 +261,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="first steps not timed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=2000, help="examples in the synthetic data set")
-    p.add_argument("--lengths", choices=["short", "mixed"], default="short",
-                   help="answer lengths: short (3-20 words, all alike) or mixed (long-tailed: mostly 1-8 words, a quarter 40-70)")
+    p.add_argument(
+        "--lengths",
+        choices=["short", "mixed"],
+        default="short",
+        help="answer lengths: short (3-20 words, all alike) or mixed (long-tailed: mostly 1-8 words, a quarter 40-70)",
+    )
     p.add_argument("--child"), p.add_argument("--model"), p.add_argument("--data")
     args = p.parse_args()
     if args.child:
@@ -187,9 +280,13 @@ def main() -> None:
 
             model = str(resolve_model(None).path)
         names = [n for n in CONFIGS if n != "TRL SFTTrainer" or _has_trl()]
-        results = [r for r in (run_child(n, model, trl if n.startswith("TRL") else ours, args) for n in names) if r is not None]
-    print(f"model {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}, LoRA r={LORA_R} on {','.join(LINEAR)}, batch {BATCH}, "
-          f"{SEQ} tokens, {args.lengths} answers, fp32, CPU, {args.threads} threads, {args.steps} steps ({args.warmup} untimed)")
+        results = [
+            r for r in (run_child(n, model, trl if n.startswith("TRL") else ours, args) for n in names) if r is not None
+        ]
+    print(
+        f"model {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}, LoRA r={LORA_R} on {','.join(LINEAR)}, batch {BATCH}, "
+        f"{SEQ} tokens, {args.lengths} answers, fp32, CPU, {args.threads} threads, {args.steps} steps ({args.warmup} untimed)"
+    )
     print(table(results))
     if not _has_trl():
         print("TRL not installed: `pip install trl` to add it")

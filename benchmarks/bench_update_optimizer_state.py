@@ -51,7 +51,12 @@ def measure(model, masker=None, steps: int = 3) -> dict[str, float]:
     state = tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     guard = masker.guard.num_protected() * 4 if masker is not None and masker.guard is not None else 0
     deltas = tensor_bytes(masker.deltas.parameters()) if masker is not None and masker.deltas is not None else 0
-    out = {"optimizer state": state / MIB, "gradients": grads / MIB, "guard snapshot": guard / MIB, "slice deltas": deltas / MIB}
+    out = {
+        "optimizer state": state / MIB,
+        "gradients": grads / MIB,
+        "guard snapshot": guard / MIB,
+        "slice deltas": deltas / MIB,
+    }
     out["total"] = sum(out.values())
     out["step s"] = float(np.mean(times[1:] or times))
     return out
@@ -59,7 +64,9 @@ def measure(model, masker=None, steps: int = 3) -> dict[str, float]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kept", type=float, default=0.1, help="share of MLP neurons per layer that preserve-update trains")
+    parser.add_argument(
+        "--kept", type=float, default=0.1, help="share of MLP neurons per layer that preserve-update trains"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--output", default="/tmp/bench_update_tpl.json")
     args = parser.parse_args()
@@ -68,30 +75,45 @@ def main():
     layers = find_mlp_layers(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     width, rng = layers[0].width, np.random.default_rng(0)
     chosen = {layer.index: rng.choice(width, size=int(args.kept * width), replace=False) for layer in layers}
-    Templates(layers=list(chosen), neurons_per_layer=width, components={0: chosen}, num_layers=len(layers)).save(args.output)
+    Templates(layers=list(chosen), neurons_per_layer=width, components={0: chosen}, num_layers=len(layers)).save(
+        args.output
+    )
 
     rows = {}
-    for name, slices in (("plain full FT", None), ("preserve-update, dense (off)", "off"), ("preserve-update, slices (on)", "on")):
+    for name, slices in (
+        ("plain full FT", None),
+        ("preserve-update, dense (off)", "off"),
+        ("preserve-update, slices (on)", "on"),
+    ):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fresh weights for each configuration
         masker = None
         if slices is not None:
-            cfg = TrainConfig(mask_mode="preserve", mask_effect="update", ica_template_path=args.output, ica_component_ids="0",
-                              optimizer_slices=slices)
+            cfg = TrainConfig(
+                mask_mode="preserve",
+                mask_effect="update",
+                ica_template_path=args.output,
+                ica_component_ids="0",
+                optimizer_slices=slices,
+            )
             masker = setup_masks(cfg, model, tok, None, Accelerator(cpu=True), "SmolLM2-135M-Instruct")
         rows[name] = measure(model, masker, args.steps)
         del model, masker
 
     n_params = sum(layer.width * layer.hidden * 3 for layer in layers)
-    print(f"SmolLM2-135M, fp32 AdamW, kept share {args.kept:.0%} of MLP neurons per layer ({n_params / 1e6:.1f} M MLP weights)")
+    print(
+        f"SmolLM2-135M, fp32 AdamW, kept share {args.kept:.0%} of MLP neurons per layer ({n_params / 1e6:.1f} M MLP weights)"
+    )
     keys = ["optimizer state", "gradients", "guard snapshot", "slice deltas", "total"]
     print(f"{'MiB':32s}" + "".join(f"{k:>17s}" for k in keys) + f"{'step s':>9s}")
     for name, row in rows.items():
         print(f"{name:32s}" + "".join(f"{row[k]:17.1f}" for k in keys) + f"{row['step s']:9.2f}")
     dense, sliced = rows["preserve-update, dense (off)"], rows["preserve-update, slices (on)"]
-    print(f"slices vs dense preserve-update: optimizer state {sliced['optimizer state'] / dense['optimizer state']:.3f}x "
-          f"({dense['optimizer state'] - sliced['optimizer state']:.1f} MiB saved), training state total "
-          f"{sliced['total'] / dense['total']:.3f}x ({dense['total'] - sliced['total']:.1f} MiB saved), step time "
-          f"{sliced['step s'] / dense['step s']:.2f}x")
+    print(
+        f"slices vs dense preserve-update: optimizer state {sliced['optimizer state'] / dense['optimizer state']:.3f}x "
+        f"({dense['optimizer state'] - sliced['optimizer state']:.1f} MiB saved), training state total "
+        f"{sliced['total'] / dense['total']:.3f}x ({dense['total'] - sliced['total']:.1f} MiB saved), step time "
+        f"{sliced['step s'] / dense['step s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

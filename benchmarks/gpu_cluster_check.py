@@ -80,14 +80,34 @@ def tiny_model(folder: Path) -> str:
 
     from fnscale.data import default_dataset_path, load_records
 
-    words = sorted({w for r in load_records(str(default_dataset_path())) for v in r.values() if isinstance(v, str) for w in v.lower().split()})
+    words = sorted(
+        {
+            w
+            for r in load_records(str(default_dataset_path()))
+            for v in r.values()
+            if isinstance(v, str)
+            for w in v.lower().split()
+        }
+    )
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + words[:4000])}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -105,7 +125,13 @@ def random_template(model_path: str, target: Path, share: float = 0.02, seed: in
     layers, width = cfg.num_hidden_layers, cfg.intermediate_size
     rng = np.random.default_rng(seed)
     comp = {layer: np.sort(rng.choice(width, max(1, int(share * width)), replace=False)) for layer in range(layers)}
-    t = Templates(layers=list(range(layers)), neurons_per_layer=width, components={0: comp}, model=Path(model_path).name, num_layers=layers)
+    t = Templates(
+        layers=list(range(layers)),
+        neurons_per_layer=width,
+        components={0: comp},
+        model=Path(model_path).name,
+        num_layers=layers,
+    )
     return str(t.save(target))
 
 
@@ -123,14 +149,35 @@ def free_port() -> int:
 def run_check(name: str, config: str, nproc: int, train_flags: list[str], workdir: Path, timeout: int) -> dict:
     out = workdir / name
     report = workdir / f"{name}.peak.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), "--num_processes", str(nproc),
-           "--main_process_port", str(free_port()), __file__, "--_worker", str(report),
-           "train", *train_flags, "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        __file__,
+        "--_worker",
+        str(report),
+        "train",
+        *train_flags,
+        "--output-dir",
+        str(out),
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else "4")
     start = time.time()
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    row = {"check": name, "config": config, "processes": nproc, "wall_s": round(time.time() - start, 1), "ok": res.returncode == 0}
+    row = {
+        "check": name,
+        "config": config,
+        "processes": nproc,
+        "wall_s": round(time.time() - start, 1),
+        "ok": res.returncode == 0,
+    }
     if res.returncode != 0:
         tail = (res.stdout + res.stderr).strip().splitlines()
         errors = [line for line in tail if line.startswith("error:") or "Error" in line]
@@ -153,8 +200,12 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--_worker":
         worker(sys.argv[2], sys.argv[3:])
         return
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help="model folder or hub id (default: the embedded SmolLM2-135M, offline)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default="default", help="model folder or hub id (default: the embedded SmolLM2-135M, offline)"
+    )
     ap.add_argument("--dataset", default="default", help="SFT data (default: fnscale's bundled sample data)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -176,16 +227,41 @@ def main() -> None:
 
         model = resolve_model(None).path  # converts the embedded GGUF once (offline)
     template = random_template(model, workdir / "template.json")
-    common = ["--model", model, "--dataset", args.dataset, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--max-seq-length", str(args.seq), "--eval-steps", "0", "--save-steps", "0", "--validation-split", "0",
-              "--report-to", "none", "--logging-steps", "1"]
+    common = [
+        "--model",
+        model,
+        "--dataset",
+        args.dataset,
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-seq-length",
+        str(args.seq),
+        "--eval-steps",
+        "0",
+        "--save-steps",
+        "0",
+        "--validation-split",
+        "0",
+        "--report-to",
+        "none",
+        "--logging-steps",
+        "1",
+    ]
     masked = ["--no-lora", "--mask-mode", "lesion", "--ica-template-path", template, "--ica-component-ids", "0"]
     if args.smoke:  # CPU: 2 processes over gloo, fp32 (4-bit storage must match DeepSpeed's dtype: none on CPU)
-        checks = [("zero2-masked", "cpu_2proc_zero2.yaml", 2, masked), ("qlora", "cpu_2proc.yaml", 2, ["--load-in-4bit"])]
+        checks = [
+            ("zero2-masked", "cpu_2proc_zero2.yaml", 2, masked),
+            ("qlora", "cpu_2proc.yaml", 2, ["--load-in-4bit"]),
+        ]
         if args.with_zero3:
             checks.append(("qlora-zero3", "cpu_2proc_zero3.yaml", 2, ["--load-in-4bit"]))
     else:
-        checks = [("zero2-masked", "deepspeed_zero2.yaml", 1, masked), ("qlora", "single_gpu.yaml", 1, ["--load-in-4bit"])]
+        checks = [
+            ("zero2-masked", "deepspeed_zero2.yaml", 1, masked),
+            ("qlora", "single_gpu.yaml", 1, ["--load-in-4bit"]),
+        ]
         if args.with_zero3:
             checks.append(("qlora-zero3", "deepspeed_zero3.yaml", 1, ["--load-in-4bit"]))
     rows = []
@@ -195,15 +271,26 @@ def main() -> None:
             rows.append(run_check(name, config, nproc, common + flags, workdir, args.timeout))
         except subprocess.TimeoutExpired:
             rows.append({"check": name, "config": config, "ok": False, "error": f"timed out after {args.timeout}s"})
-    report = {"model": model, "steps": args.steps, "batch_size": args.batch_size, "seq": args.seq, "smoke": args.smoke,
-              "torch": torch.__version__, "cuda": torch.version.cuda, "checks": rows, "workdir": str(workdir)}
+    report = {
+        "model": model,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq": args.seq,
+        "smoke": args.smoke,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "checks": rows,
+        "workdir": str(workdir),
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     mem = "peak_rss_gib" if args.smoke else "peak_gpu_gib"
     print(f"\n{'check':14s} {'ok':4s} {'step s':>8s} {'tok/s':>9s} {mem:>13s} {'loss':>7s} {'wall s':>7s}")
     for r in rows:
         if r["ok"]:
-            print(f"{r['check']:14s} {'yes':4s} {r['step_time_s']:8.4f} {r['tokens_per_s'] or 0:9.1f} {r.get(mem, float('nan')):13.3f} "
-                  f"{r['final_loss']:7.4f} {r['wall_s']:7.1f}")
+            print(
+                f"{r['check']:14s} {'yes':4s} {r['step_time_s']:8.4f} {r['tokens_per_s'] or 0:9.1f} {r.get(mem, float('nan')):13.3f} "
+                f"{r['final_loss']:7.4f} {r['wall_s']:7.1f}"
+            )
         else:
             print(f"{r['check']:14s} {'NO':4s} {r['error']}")
     print(f"\nreport: {args.out}  (run folders: {workdir})")

@@ -6,6 +6,7 @@ is on sys.path and its `kernels/` folder (installed as fnscale.kernels) would sh
 `kernels` package, which transformers and bitsandbytes probe for. Drop both entries: the installed
 package is found without them.
 """
+
 import os
 import sys
 

@@ -63,9 +63,22 @@ def build_networks(
     sources = data_sources if isinstance(data_sources, (list, tuple)) else [data_sources or data.DEFAULT_DATASET]
     training = model.training
     templates = build_templates(
-        model, samples, n_components=components, percentile=percentile, site=site, layers=chosen, scope=scope,
-        kind=kind, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0, seed=seed, accelerator=accelerator,
-        progress=progress, model_name=name, datasets=[str(s) for s in sources], token_counts=counts,
+        model,
+        samples,
+        n_components=components,
+        percentile=percentile,
+        site=site,
+        layers=chosen,
+        scope=scope,
+        kind=kind,
+        batch_size=batch_size,
+        pad_id=tokenizer.pad_token_id or 0,
+        seed=seed,
+        accelerator=accelerator,
+        progress=progress,
+        model_name=name,
+        datasets=[str(s) for s in sources],
+        token_counts=counts,
     )
     model.train(training)  # the capture ran in eval mode
     if output is not None and (accelerator is None or accelerator.is_main_process):

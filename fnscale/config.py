@@ -45,8 +45,11 @@ class Limits:
         if not (lo_bad or hi_bad):
             return None
         if self.low is not None and self.high is not None:
-            edges = {(True, True): " (exclusive)", (False, True): f" ({self.high:g} excluded)",
-                     (True, False): f" ({self.low:g} excluded)"}
+            edges = {
+                (True, True): " (exclusive)",
+                (False, True): f" ({self.high:g} excluded)",
+                (True, False): f" ({self.low:g} excluded)",
+            }
             return f"must be between {self.low:g} and {self.high:g}{edges.get((self.low_open, self.high_open), '')}"
         if self.low is not None:
             return f"must be {'greater than' if self.low_open else 'at least'} {self.low:g}"
@@ -61,8 +64,14 @@ SHARE = Limits(0, 1, high_open=True)  # a held-out share: 0 (none) up to, not in
 RATIO = Limits(0, 1)
 
 
-def opt(default, help: str, choices=None, flag: str | None = None, secondary: str | None = None,
-        limits: Limits | None = None):
+def opt(
+    default,
+    help: str,
+    choices=None,
+    flag: str | None = None,
+    secondary: str | None = None,
+    limits: Limits | None = None,
+):
     """A config field with the metadata the CLI needs."""
     meta = {"help": help, "choices": choices, "flag": flag, "secondary": secondary, "limits": limits}
     return field(default=default, metadata=meta)
@@ -73,31 +82,60 @@ class TrainConfig:
     # model
     model: str | None = opt(None, "HF hub id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo)")
-    dtype: str = opt("auto", "half-precision dtype (auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 "
-                     "elsewhere); see --precision", DTYPES)
-    precision: str = opt("auto", "auto (from --dtype): bf16-mixed/fp16-mixed keep fp32 trainable weights under "
-                         "autocast (fp16 adds a GradScaler; LoRA loads the frozen base in half precision); bf16-true "
-                         "trains bf16 weights; fp32 uses no autocast", list(PRECISIONS))
-    trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
-    attn_implementation: str = opt("auto", "attention kernel (auto: flash_attention_2 on CUDA with --packing when flash-attn is installed, "
-                                   "else sdpa)", list(ATTN_IMPLEMENTATIONS))
+    dtype: str = opt(
+        "auto",
+        "half-precision dtype (auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 elsewhere); see --precision",
+        DTYPES,
+    )
+    precision: str = opt(
+        "auto",
+        "auto (from --dtype): bf16-mixed/fp16-mixed keep fp32 trainable weights under "
+        "autocast (fp16 adds a GradScaler; LoRA loads the frozen base in half precision); bf16-true "
+        "trains bf16 weights; fp32 uses no autocast",
+        list(PRECISIONS),
+    )
+    trust_remote_code: bool = opt(
+        False, "allow custom model code from the hub (off by default: it runs arbitrary code)"
+    )
+    attn_implementation: str = opt(
+        "auto",
+        "attention kernel (auto: flash_attention_2 on CUDA with --packing when flash-attn is installed, else sdpa)",
+        list(ATTN_IMPLEMENTATIONS),
+    )
     # data
-    dataset: tuple[str, ...] = opt((), "SFT data: file, folder or glob of .json/.jsonl/.csv/.parquet/.txt (.gz too; .txt: blank-line separated plain "
-                                   "texts, every token trained), or hub NAME[:CONFIG[:SPLIT]]; "
-                                   "a trailing :WEIGHT scales how many of its examples are used (old.jsonl:0.2), or a .yaml list of "
-                                   "{path, weight, schema, columns}; default: bundled sample data")
-    validation_dataset: str | None = opt(None, "held-out data (the same kinds as --dataset); default: split off --validation-split of --dataset")
-    validation_split: float = opt(0.05, "share of each --dataset held out for evaluation when there is no --validation-dataset",
-                                  limits=SHARE)
+    dataset: tuple[str, ...] = opt(
+        (),
+        "SFT data: file, folder or glob of .json/.jsonl/.csv/.parquet/.txt (.gz too; .txt: blank-line separated plain "
+        "texts, every token trained), or hub NAME[:CONFIG[:SPLIT]]; "
+        "a trailing :WEIGHT scales how many of its examples are used (old.jsonl:0.2), or a .yaml list of "
+        "{path, weight, schema, columns}; default: bundled sample data",
+    )
+    validation_dataset: str | None = opt(
+        None, "held-out data (the same kinds as --dataset); default: split off --validation-split of --dataset"
+    )
+    validation_split: float = opt(
+        0.05, "share of each --dataset held out for evaluation when there is no --validation-dataset", limits=SHARE
+    )
     schema: str = opt("auto", "column schema (auto: detected, see README)", list(SCHEMAS))
-    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)")
+    prompt_column: str | None = opt(
+        None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)"
+    )
     response_column: str | None = opt(None, "custom response column (with --prompt-column)")
     train_on_inputs: bool = opt(False, "train on every token, prompts included (default: only the assistant turns)")
-    template: str = opt("auto", "prompt format: the tokenizer's chat template (auto, when it has one) or a plain one", ["auto", "chat", "plain"])
+    template: str = opt(
+        "auto",
+        "prompt format: the tokenizer's chat template (auto, when it has one) or a plain one",
+        ["auto", "chat", "plain"],
+    )
     max_seq_length: int = opt(512, "truncate examples to this many tokens, keeping the response", limits=AT_LEAST_1)
     max_samples: int | None = opt(None, "use only the first N examples of --dataset", limits=AT_LEAST_1)
-    packing: bool = opt(False, "padding-free: pack whole examples into rows of --max-seq-length tokens (attention stays inside each example)")
-    group_by_length: bool = opt(False, "batch examples of similar length together (seeded), so less of each batch is padding")
+    packing: bool = opt(
+        False,
+        "padding-free: pack whole examples into rows of --max-seq-length tokens (attention stays inside each example)",
+    )
+    group_by_length: bool = opt(
+        False, "batch examples of similar length together (seeded), so less of each batch is padding"
+    )
     # output
     output_dir: str = opt("runs/fnscale", "where checkpoints, the final model, TensorBoard events and metrics.jsonl go")
     # fine-tuning kind
@@ -127,7 +165,9 @@ class TrainConfig:
     eval_steps: int = opt(50, "evaluate every N steps (0: only at the end)", limits=NON_NEGATIVE)
     save_steps: int = opt(50, "checkpoint every N steps (0: no intermediate checkpoints)", limits=NON_NEGATIVE)
     save_total_limit: int = opt(2, "keep at most N checkpoints")
-    resume_from_checkpoint: str | None = opt(None, "checkpoint folder to resume from, or `auto` for the latest in --output-dir")
+    resume_from_checkpoint: str | None = opt(
+        None, "checkpoint folder to resume from, or `auto` for the latest in --output-dir"
+    )
     report_to: str = opt("tensorboard", "metrics trackers, comma-separated: tensorboard, wandb, mlflow, or none")
     # hub
     push_to_hub: bool = opt(False, "upload the final output to the hub (needs --hub-repo-id)")
@@ -135,7 +175,9 @@ class TrainConfig:
     hub_private: bool = opt(False, "create the hub repo as private")
     # functional-network masking
     ica_template_path: str | None = opt(None, "templates JSON (fnscale or FunctionalNetworksSFT global_templates.json)")
-    mask_mode: str = opt("none", "lesion: zero the chosen networks; preserve: train only them", ["none", "lesion", "preserve"])
+    mask_mode: str = opt(
+        "none", "lesion: zero the chosen networks; preserve: train only them", ["none", "lesion", "preserve"]
+    )
     ica_component_ids: str | None = opt(None, "comma-separated component ids to mask, e.g. 0,3")
     ica_layers: str | None = opt(None, "restrict masks to these layers, e.g. 0-7,12")
     ica_components: int = opt(10, "components to compute when no --ica-template-path is given", limits=AT_LEAST_1)
@@ -143,39 +185,75 @@ class TrainConfig:
     ica_samples: int = opt(64, "training examples used to compute templates when none are given", limits=AT_LEAST_1)
     ica_site: str = opt("intermediate", "capture site for computed templates", list(SITES))
     mask_kernel: str = opt("auto", "masking path: auto (Triton on CUDA), triton or torch", ["auto", "triton", "torch"])
-    compact: str = opt("auto", "compact preserve: compute the MLP over kept neurons only (auto: preserve with < 50% kept)", ["auto", "on", "off"])
-    mask_effect: str | None = opt(None, "how masks act: update (masked neurons stay in the forward pass, their weights get no update; "
-                                  "the default with --mask-mode) or forward (their activations are zeroed during training only)", list(MASK_EFFECTS))
-    train_attention: bool = opt(True, "train attention, embeddings, norms and the LM head (--no-train-attention: only MLP weights train)",
-                                flag="--train-attention/--no-train-attention")
-    mask_control: str = opt("none", "random: mask as many neurons per layer as the chosen networks, drawn at random (a chance baseline)",
-                            ["none", "random"])
+    compact: str = opt(
+        "auto",
+        "compact preserve: compute the MLP over kept neurons only (auto: preserve with < 50% kept)",
+        ["auto", "on", "off"],
+    )
+    mask_effect: str | None = opt(
+        None,
+        "how masks act: update (masked neurons stay in the forward pass, their weights get no update; "
+        "the default with --mask-mode) or forward (their activations are zeroed during training only)",
+        list(MASK_EFFECTS),
+    )
+    train_attention: bool = opt(
+        True,
+        "train attention, embeddings, norms and the LM head (--no-train-attention: only MLP weights train)",
+        flag="--train-attention/--no-train-attention",
+    )
+    mask_control: str = opt(
+        "none",
+        "random: mask as many neurons per layer as the chosen networks, drawn at random (a chance baseline)",
+        ["none", "random"],
+    )
     mask_control_seed: int | None = opt(None, "seed of the --mask-control random draw (default: --seed)")
-    optimizer_slices: str = opt("auto", "with --mask-effect update and full fine-tuning (one device or DDP): freeze the masked layers' dense MLP "
-                                "weights and train deltas of the trained slices only, so AdamW keeps state for those alone (auto: when "
-                                "under 50% of their neurons are kept; not under ZeRO)", ["auto", "on", "off"])
+    optimizer_slices: str = opt(
+        "auto",
+        "with --mask-effect update and full fine-tuning (one device or DDP): freeze the masked layers' dense MLP "
+        "weights and train deltas of the trained slices only, so AdamW keeps state for those alone (auto: when "
+        "under 50% of their neurons are kept; not under ZeRO)",
+        ["auto", "on", "off"],
+    )
     # continual learning (written by `fnscale cl`; see fnscale/continual/ewc.py)
-    ewc_state: str | None = opt(None, "EWC: the accumulated diagonal Fisher of earlier tasks (safetensors); "
-                                "its anchor model's weights are theta*")
-    ewc_lambda: float = opt(0.0, "EWC strength: adds lambda/2 * sum F (theta - theta*)^2 to the loss (with --ewc-state)")
+    ewc_state: str | None = opt(
+        None,
+        "EWC: the accumulated diagonal Fisher of earlier tasks (safetensors); its anchor model's weights are theta*",
+    )
+    ewc_lambda: float = opt(
+        0.0, "EWC strength: adds lambda/2 * sum F (theta - theta*)^2 to the loss (with --ewc-state)"
+    )
     # evaluation
     eval_retention: tuple[str, ...] = opt((), "retention data to evaluate before and after training (repeatable)")
     # distribution
-    ddp_timeout: int = opt(1800, "seconds a rank waits in a collective for a live but silent peer (a dead peer or a failed save is noticed at once)")
+    ddp_timeout: int = opt(
+        1800,
+        "seconds a rank waits in a collective for a live but silent peer (a dead peer or a failed save is noticed at once)",
+    )
 
 
 @dataclass
 class TemplatesBuildConfig:
     """`fnscale templates build`: MODEL and DATASETs may also come as positional arguments (see cli_templates)."""
 
-    model: str | None = opt(None, "model id, folder or .gguf (instead of the MODEL argument); default: the embedded SmolLM2")
-    dataset: tuple[str, ...] = opt((), "data file (.json/.jsonl/.csv/.parquet/.txt, .gz too), folder, glob or hub dataset (instead of DATASET "
-                                   "arguments); default: bundled sample data")
+    model: str | None = opt(
+        None, "model id, folder or .gguf (instead of the MODEL argument); default: the embedded SmolLM2"
+    )
+    dataset: tuple[str, ...] = opt(
+        (),
+        "data file (.json/.jsonl/.csv/.parquet/.txt, .gz too), folder, glob or hub dataset (instead of DATASET "
+        "arguments); default: bundled sample data",
+    )
     samples_per_dataset: int = opt(100, "examples drawn from each dataset", limits=AT_LEAST_1)
     schema: str = opt("auto", "column schema of the data (auto: detected, see README)", list(SCHEMAS))
-    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)")
+    prompt_column: str | None = opt(
+        None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)"
+    )
     response_column: str | None = opt(None, "custom response column (with --prompt-column)")
-    template: str = opt("auto", "prompt format as in training: the tokenizer's chat template (auto, when it has one) or a plain one", ["auto", "chat", "plain"])
+    template: str = opt(
+        "auto",
+        "prompt format as in training: the tokenizer's chat template (auto, when it has one) or a plain one",
+        ["auto", "chat", "plain"],
+    )
     components: int = opt(10, "number of ICA components (functional networks)", limits=AT_LEAST_1)
     percentile: float = opt(98.0, "loading percentile a neuron must pass (98 keeps ~2%)", limits=PERCENTILE)
     site: str = opt("intermediate", "capture site: down-projection input or MLP output", list(SITES))
@@ -192,65 +270,100 @@ class TemplatesBuildConfig:
     batch_size: int = opt(8, "samples per forward pass", limits=AT_LEAST_1)
     dtype: str = opt("auto", "model dtype", DTYPES)
     cache_budget_gb: str = opt(
-        "auto", "keep the captured activations in memory (fp16, per-neuron scaled) to skip recomputing the forward pass: "
-        "auto caches when they fit in half the available memory, a number is a budget in GB per process, 0 streams"
+        "auto",
+        "keep the captured activations in memory (fp16, per-neuron scaled) to skip recomputing the forward pass: "
+        "auto caches when they fit in half the available memory, a number is a budget in GB per process, 0 streams",
     )
     seed: int = opt(0, "seed for sampling and FastICA")
     gguf_file: str | None = opt(None, "GGUF file inside MODEL")
     trust_remote_code: bool = opt(False, "allow custom model code from the hub")
     # one process, several devices (see fnscale/placement.py)
-    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)",
-                                 list(DEVICE_MAPS))
-    max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
+    device_map: str | None = opt(
+        None,
+        "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)",
+        list(DEVICE_MAPS),
+    )
+    max_memory: str | None = opt(
+        None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping"
+    )
     offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
     # distribution
-    ddp_timeout: int = opt(1800, "seconds a rank waits in a collective for a live but silent peer (under accelerate launch)")
+    ddp_timeout: int = opt(
+        1800, "seconds a rank waits in a collective for a live but silent peer (under accelerate launch)"
+    )
 
 
 @dataclass
 class EvalConfig:
     # models
-    model: str | None = opt(None, "base model: HF id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    model: str | None = opt(
+        None, "base model: HF id, local folder or .gguf file; default: the embedded SmolLM2-135M-Instruct"
+    )
     gguf_file: str | None = opt(None, "GGUF file name inside --model (a folder or hub repo); default: none")
     adapter: tuple[str, ...] = opt((), "PEFT adapter folder to load onto the base model; default: none")
     finetuned: tuple[str, ...] = opt((), "full fine-tuned model folder (same tokenizer as the base); default: none")
     sequence: str | None = opt(
-        None, "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none"
+        None,
+        "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none",
     )
     # task data
-    task: str | None = opt(None, "task data: file, folder or glob (.json/.jsonl/.csv/.parquet/.txt, .gz too) or hub NAME[:CONFIG[:SPLIT]]; "
-                              "default: the bundled sample data")
-    task_split: str = opt("validation", "task examples scored: validation (held out as training split it), train, or all", ["validation", "train", "all"])
-    validation_split: float = opt(0.05, "held-out share, as in training (must match the training run's to be held out)",
-                                  limits=SHARE)
+    task: str | None = opt(
+        None,
+        "task data: file, folder or glob (.json/.jsonl/.csv/.parquet/.txt, .gz too) or hub NAME[:CONFIG[:SPLIT]]; "
+        "default: the bundled sample data",
+    )
+    task_split: str = opt(
+        "validation",
+        "task examples scored: validation (held out as training split it), train, or all",
+        ["validation", "train", "all"],
+    )
+    validation_split: float = opt(
+        0.05, "held-out share, as in training (must match the training run's to be held out)", limits=SHARE
+    )
     schema: str = opt("auto", "column schema of the task data", list(SCHEMAS))
     template: str = opt("auto", "prompt format (as in training)", ["auto", "chat", "plain"])
-    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined (with --response-column); default: from --schema")
+    prompt_column: str | None = opt(
+        None, "custom prompt column(s), comma-separated ones joined (with --response-column); default: from --schema"
+    )
     response_column: str | None = opt(None, "custom response column (with --prompt-column); default: from --schema")
-    max_samples: int | None = opt(None, "use only the first N records of each data file; default: all",
-                                  limits=AT_LEAST_1)
+    max_samples: int | None = opt(
+        None, "use only the first N records of each data file; default: all", limits=AT_LEAST_1
+    )
     # retention
     retention: tuple[str, ...] = opt(
-        (), "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips"
+        (),
+        "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips",
     )
     # generation
-    generate: int = opt(32, "greedy generations per task scored for exact match and token accuracy (0: none)",
-                        limits=NON_NEGATIVE)
+    generate: int = opt(
+        32, "greedy generations per task scored for exact match and token accuracy (0: none)", limits=NON_NEGATIVE
+    )
     cl_metric: str = opt("token_accuracy", "score in the continual-learning matrix R", list(CL_METRICS))
-    lm_eval_tasks: str | None = opt(None, "comma-separated lm-eval harness tasks (needs `pip install lm-eval` and reachable data); default: none")
+    lm_eval_tasks: str | None = opt(
+        None, "comma-separated lm-eval harness tasks (needs `pip install lm-eval` and reachable data); default: none"
+    )
     lm_eval_limit: int | None = opt(None, "examples per lm-eval task; default: all")
     # runtime
-    max_seq_length: int = opt(512, "truncate task examples (keeping the response) and chunk retention text to this many tokens")
+    max_seq_length: int = opt(
+        512, "truncate task examples (keeping the response) and chunk retention text to this many tokens"
+    )
     batch_size: int = opt(8, "sequences per forward pass", limits=AT_LEAST_1)
     seed: int = opt(42, "seed for the held-out split and the choice of generated examples")
     dtype: str = opt("auto", "weights dtype (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)", DTYPES)
     device: str = opt("auto", "device (auto: CUDA > MPS > CPU), e.g. cpu or cuda:1")
-    trust_remote_code: bool = opt(False, "allow custom model code from the hub (off by default: it runs arbitrary code)")
+    trust_remote_code: bool = opt(
+        False, "allow custom model code from the hub (off by default: it runs arbitrary code)"
+    )
     output: str = opt("runs/eval", "folder for report.json, report.md, the plot and TensorBoard scalars")
     # one process, several devices (see fnscale/placement.py)
-    device_map: str | None = opt(None, "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)",
-                                 list(DEVICE_MAPS))
-    max_memory: str | None = opt(None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping")
+    device_map: str | None = opt(
+        None,
+        "auto: split the model over this node's GPUs, then CPU, then disk (one process, no accelerate launch)",
+        list(DEVICE_MAPS),
+    )
+    max_memory: str | None = opt(
+        None, "with --device-map auto: per-device caps, e.g. 0=20GiB,cpu=64GiB, or a JSON/YAML file of that mapping"
+    )
     offload_folder: str | None = opt(None, "with --device-map auto: folder for layers offloaded to disk")
 
 
@@ -261,17 +374,28 @@ SELECTORS = ("activation", "fisher", "random")  # `templates select --by`
 class NetworkDataConfig:
     """The model and data `templates select` and `templates rank` score networks on (data options as in `templates build`)."""
 
-    model: str | None = opt(None, "model id, folder or .gguf; default: the model the networks file names (the embedded SmolLM2 when "
-                            "it names that or none)")
+    model: str | None = opt(
+        None,
+        "model id, folder or .gguf; default: the model the networks file names (the embedded SmolLM2 when "
+        "it names that or none)",
+    )
     gguf_file: str | None = opt(None, "GGUF file inside --model")
-    data: tuple[str, ...] = opt((), "data to score on: file, folder, glob or hub NAME[:CONFIG[:SPLIT]], as in `templates build`; "
-                                "default: bundled sample data")
+    data: tuple[str, ...] = opt(
+        (),
+        "data to score on: file, folder, glob or hub NAME[:CONFIG[:SPLIT]], as in `templates build`; "
+        "default: bundled sample data",
+    )
     samples_per_dataset: int = opt(100, "examples drawn from each --data (a seeded choice)", limits=AT_LEAST_1)
     schema: str = opt("auto", "column schema of the data (auto: detected, see README)", list(SCHEMAS))
-    prompt_column: str | None = opt(None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)")
+    prompt_column: str | None = opt(
+        None, "custom prompt column(s), comma-separated ones joined into the user turn (with --response-column)"
+    )
     response_column: str | None = opt(None, "custom response column (with --prompt-column)")
-    template: str = opt("auto", "prompt format as in training: the tokenizer's chat template (auto, when it has one) or a plain one",
-                        ["auto", "chat", "plain"])
+    template: str = opt(
+        "auto",
+        "prompt format as in training: the tokenizer's chat template (auto, when it has one) or a plain one",
+        ["auto", "chat", "plain"],
+    )
     max_seq_length: int = opt(512, "truncate examples to this many tokens", limits=AT_LEAST_1)
     batch_size: int = opt(8, "examples per forward pass", limits=AT_LEAST_1)
     dtype: str = opt("auto", "model dtype", DTYPES)
@@ -284,13 +408,24 @@ class NetworkDataConfig:
 class TemplatesSelectConfig(NetworkDataConfig):
     """`fnscale templates select`: one component of as many neurons per layer as --like's chosen components hold."""
 
-    by: str | None = opt(None, "activation: highest mean |activation| over the data's tokens; fisher: highest mean squared gradient "
-                         "of the example's LM loss with respect to a per-neuron gate; random: a seeded draw", list(SELECTORS))
-    like: str | None = opt(None, "networks file whose per-layer counts (and capture site and layers) the selection matches")
-    ica_component_ids: str | None = opt(None, "components of --like whose union per layer sets the counts, e.g. 0,3 or top:3 "
-                                        "(a ranked file); default: all")
-    share: float | None = opt(None, "instead of component counts: this share of every captured layer's neurons, e.g. 0.1",
-                              limits=Limits(0, 1, low_open=True))
+    by: str | None = opt(
+        None,
+        "activation: highest mean |activation| over the data's tokens; fisher: highest mean squared gradient "
+        "of the example's LM loss with respect to a per-neuron gate; random: a seeded draw",
+        list(SELECTORS),
+    )
+    like: str | None = opt(
+        None, "networks file whose per-layer counts (and capture site and layers) the selection matches"
+    )
+    ica_component_ids: str | None = opt(
+        None,
+        "components of --like whose union per layer sets the counts, e.g. 0,3 or top:3 (a ranked file); default: all",
+    )
+    share: float | None = opt(
+        None,
+        "instead of component counts: this share of every captured layer's neurons, e.g. 0.1",
+        limits=Limits(0, 1, low_open=True),
+    )
     output: str | None = opt(None, "networks JSON file to write")
 
 
@@ -394,8 +529,9 @@ def _scalar(f: dataclasses.Field, value):
     return converted
 
 
-def typed(cls, values: dict, source: str = "config", lines: dict[str, int] | None = None,
-          command: str = "train") -> dict:
+def typed(
+    cls, values: dict, source: str = "config", lines: dict[str, int] | None = None, command: str = "train"
+) -> dict:
     """`values` (from a file or a dict) converted and checked like the command's flags; errors name `source`, the line
     (from `lines`, when known) and the key."""
     lines = lines or {}
@@ -403,8 +539,10 @@ def typed(cls, values: dict, source: str = "config", lines: dict[str, int] | Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields), key=lambda k: lines.get(k, 0))
     if unknown:
-        raise UsageError(f"{place(unknown[0])}: unknown option(s) in config file: {', '.join(unknown)}; "
-                         f"see `fnscale {command} --help`")
+        raise UsageError(
+            f"{place(unknown[0])}: unknown option(s) in config file: {', '.join(unknown)}; "
+            f"see `fnscale {command} --help`"
+        )
     out = {}
     for key, value in values.items():
         try:

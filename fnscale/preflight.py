@@ -27,7 +27,9 @@ def parse_component_ids(spec: str | None, templates: Templates | None = None) ->
     try:
         ids = [int(p) for p in text.strip("[] ").split(",") if p.strip()]
     except ValueError:
-        raise UsageError(f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3, or top:K") from None
+        raise UsageError(
+            f"bad --ica-component-ids {spec!r}; use comma-separated integers, e.g. 0,3, or top:K"
+        ) from None
     if any(i < 0 for i in ids):
         raise UsageError(f"component ids must be >= 0, got {spec!r}")
     return ids
@@ -41,11 +43,15 @@ def _top_ids(spec: str, templates: Templates | None) -> list[int]:
     if k < 1:
         raise UsageError(f"--ica-component-ids {spec}: K must be at least 1")
     if templates is None or not templates.ranking:
-        raise UsageError(f"--ica-component-ids {spec} needs a ranked networks file; rank it first with "
-                         "`fnscale templates rank NETWORKS.json --data DATA`, or list the ids, e.g. 0,3")
+        raise UsageError(
+            f"--ica-component-ids {spec} needs a ranked networks file; rank it first with "
+            "`fnscale templates rank NETWORKS.json --data DATA`, or list the ids, e.g. 0,3"
+        )
     order = [int(c["id"]) for c in templates.ranking["components"]]
     if k > len(order):
-        raise UsageError(f"--ica-component-ids {spec}: the file ranks {len(order)} components; use top:{len(order)} or fewer")
+        raise UsageError(
+            f"--ica-component-ids {spec}: the file ranks {len(order)} components; use top:{len(order)} or fewer"
+        )
     return order[:k]
 
 
@@ -122,14 +128,23 @@ def check_mask_combinations(cfg) -> None:
     if cfg.mask_mode == "none":
         if cfg.ica_template_path or cfg.ica_component_ids:
             raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
-        given = [flag for flag, on in (("--mask-effect", cfg.mask_effect is not None), ("--mask-control", cfg.mask_control != "none")) if on]
+        given = [
+            flag
+            for flag, on in (
+                ("--mask-effect", cfg.mask_effect is not None),
+                ("--mask-control", cfg.mask_control != "none"),
+            )
+            if on
+        ]
         if given:
             raise UsageError(f"{'/'.join(given)} need(s) --mask-mode lesion or preserve (and templates to mask)")
     if cfg.mask_control_seed is not None and cfg.mask_control != "random":
         raise UsageError("--mask-control-seed seeds the random control; add --mask-control random")
     if cfg.optimizer_slices == "on" and (cfg.mask_mode == "none" or cfg.mask_effect == "forward" or cfg.lora):
-        raise UsageError("--optimizer-slices on trains slices of the dense MLP weights: it needs --mask-mode lesion/preserve, "
-                         "--mask-effect update and --no-lora (LoRA keeps no dense optimizer state); drop it or change those")
+        raise UsageError(
+            "--optimizer-slices on trains slices of the dense MLP weights: it needs --mask-mode lesion/preserve, "
+            "--mask-effect update and --no-lora (LoRA keeps no dense optimizer state); drop it or change those"
+        )
     if (cfg.mask_effect or "update") == "update" and (cfg.mask_kernel == "triton" or cfg.compact == "on"):
         raise UsageError(
             "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing is masked "
@@ -153,7 +168,9 @@ def check_mask_options(cfg) -> Templates | None:
         chosen = parse_layers(cfg.ica_layers, top)
         outside = sorted(set(chosen) - set(templates.layers))
         if outside:
-            raise UsageError(f"--ica-layers {cfg.ica_layers} names layers {outside} that the template does not cover (it has {templates.layers})")
+            raise UsageError(
+                f"--ica-layers {cfg.ica_layers} names layers {outside} that the template does not cover (it has {templates.layers})"
+            )
     return templates
 
 

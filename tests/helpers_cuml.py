@@ -20,8 +20,9 @@ def install(monkeypatch) -> list[int]:
     fed: list[int] = []
 
     class IncrementalPCA:
-        def __init__(self, *, n_components=None, whiten=False, copy=True, batch_size=None, verbose=False,
-                     output_type=None):
+        def __init__(
+            self, *, n_components=None, whiten=False, copy=True, batch_size=None, verbose=False, output_type=None
+        ):
             self._sk = SkIPCA(n_components=n_components, whiten=whiten, copy=copy, batch_size=batch_size)
 
         def partial_fit(self, X, y=None, *, check_input=True):

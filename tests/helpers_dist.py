@@ -37,9 +37,19 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment minus launcher state a parent process may carry, plus quiet single-thread settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "PET_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "PET_", "TORCHELASTIC_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS))
     env.update(extra)
     return env
@@ -49,7 +59,17 @@ def launch_cmd(config: str, args: list[str], script: str | None = None) -> list[
     """`accelerate launch --config_file launch_configs/<config> [-m fnscale | script] args` on a free port."""
     cfg = config if os.path.isabs(config) else str(CONFIGS / config)
     target = ["-m", "fnscale"] if script is None else [script]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "--main_process_port", str(free_port()), *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        cfg,
+        "--main_process_port",
+        str(free_port()),
+        *target,
+        *args,
+    ]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -61,7 +81,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run in its own session (cwd: the repository root); on timeout kill the whole process group and fail."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env or clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -80,7 +108,9 @@ def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start in the background, output to `log`, in its own session."""
     fh = open(log, "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=env or clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env or clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition") -> None:
@@ -120,7 +150,11 @@ def children(pid: int) -> list[int]:
 def write_uniform_sft(path: Path, n: int = 16) -> Path:
     """n distinct examples whose prompts and responses have identical token counts, so the mean loss of one
     batch of 4 equals the mean of two ranks' batches of 2 (1-process and 2-process runs then agree)."""
-    rows = [{"instruction": f"what is the capital of {p} ?", "output": f"the capital of {p} is {a} ."} for p in PLACES for a in ANSWERS][:n]
+    rows = [
+        {"instruction": f"what is the capital of {p} ?", "output": f"the capital of {p} is {a} ."}
+        for p in PLACES
+        for a in ANSWERS
+    ][:n]
     assert len(rows) == n
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -175,10 +209,17 @@ def _probe_main() -> None:
         for name, p in sorted(accelerator.unwrap_model(model).named_parameters()):
             digest.update(name.encode())
             digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-        (trace / f"rank{accelerator.process_index}.json").write_text(json.dumps({
-            "rank": accelerator.process_index, "world": accelerator.num_processes,
-            "distributed_type": accelerator.distributed_type.value, "examples": seen, "params_sha256": digest.hexdigest(),
-        }))
+        (trace / f"rank{accelerator.process_index}.json").write_text(
+            json.dumps(
+                {
+                    "rank": accelerator.process_index,
+                    "world": accelerator.num_processes,
+                    "distributed_type": accelerator.distributed_type.value,
+                    "examples": seen,
+                    "params_sha256": digest.hexdigest(),
+                }
+            )
+        )
         if os.environ.get("FNSCALE_TEST_FAIL_SAVE_RANK") == str(accelerator.process_index):
             _fail_model_writes()
         return save_final(accelerator, model, tokenizer, cfg)
@@ -186,7 +227,9 @@ def _probe_main() -> None:
     try:
         train(train_config(sys.argv[1:]), build_model=probed_build, save_final=probed_save)
     except FnscaleError as err:  # as the CLI reports it: one line, the error's exit code
-        sys.stderr.write(f"error: {err}\n")  # one write: the two ranks share the launcher's stderr, lines must not interleave
+        sys.stderr.write(
+            f"error: {err}\n"
+        )  # one write: the two ranks share the launcher's stderr, lines must not interleave
         exit_process(err.exit_code)
         sys.exit(err.exit_code)
     exit_process(0)

@@ -33,8 +33,15 @@ def _padded(seqs, pad=0):
     return ids, attn
 
 
-@pytest.mark.parametrize("fixture, site, width", [("tiny_llama", "intermediate", 64), ("tiny_gpt2", "intermediate", 128),
-                                                  ("tiny_llama", "mlp_output", 32), ("tiny_gpt2", "mlp_output", 32)])
+@pytest.mark.parametrize(
+    "fixture, site, width",
+    [
+        ("tiny_llama", "intermediate", 64),
+        ("tiny_gpt2", "intermediate", 128),
+        ("tiny_llama", "mlp_output", 32),
+        ("tiny_gpt2", "mlp_output", 32),
+    ],
+)
 def test_capture_keeps_real_tokens_only(request, fixture, site, width):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture)).eval()
     seqs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -58,7 +65,6 @@ def test_capture_keeps_real_tokens_only(request, fixture, site, width):
     np.testing.assert_allclose(batched[:5, :width], seen["x"][0].numpy(), atol=1e-6)
 
 
-
 @pytest.mark.parametrize("site, layers", [("intermediate", None), ("mlp_output", [0])])
 def test_capture_stops_early_with_the_same_activations(tiny_llama, site, layers):
     """stop_early skips the layers after the last captured one and the LM head, and captures exactly what a full forward does."""
@@ -75,6 +81,7 @@ def test_capture_stops_early_with_the_same_activations(tiny_llama, site, layers)
     h.remove()
     assert len(heads) == 2
     np.testing.assert_array_equal(early, full)
+
 
 def _samples(n=48, seed=0):
     rng = np.random.default_rng(seed)
@@ -108,7 +115,9 @@ def _pca_of_build(model, monkeypatch, **kw):
     from fnscale.networks.decompose import StreamingDecomposer
 
     states, finish = [], StreamingDecomposer.finish
-    monkeypatch.setattr(StreamingDecomposer, "finish", lambda self, z: (states.append(self.pca_state()), finish(self, z))[1])
+    monkeypatch.setattr(
+        StreamingDecomposer, "finish", lambda self, z: (states.append(self.pca_state()), finish(self, z))[1]
+    )
     t = build_templates(model, _samples(), n_components=4, percentile=90.0, batch_size=8, seed=0, progress=False, **kw)
     monkeypatch.setattr(StreamingDecomposer, "finish", finish)
     return t, states[0]
@@ -162,8 +171,11 @@ def test_activations_reach_the_pca_as_tensors_without_host_copies(tiny_llama, mo
     seen = []
     for name in ("update", "project"):
         original = getattr(StreamingDecomposer, name)
-        monkeypatch.setattr(StreamingDecomposer, name,
-                            lambda self, b, _f=original: (seen.append((type(b), getattr(b, "device", None))), _f(self, b))[1])
+        monkeypatch.setattr(
+            StreamingDecomposer,
+            name,
+            lambda self, b, _f=original: (seen.append((type(b), getattr(b, "device", None))), _f(self, b))[1],
+        )
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     kw = dict(n_components=4, percentile=90.0, batch_size=8, seed=0, progress=False, cache_budget_gb=budget)
     with Watch():
@@ -184,7 +196,9 @@ def test_capture_device_is_read_from_the_model(tiny_llama):
     from accelerate.utils import DistributedType
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    on_gpu = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda"), distributed_type=DistributedType.NO)
+    on_gpu = SimpleNamespace(
+        process_index=0, num_processes=1, device=torch.device("cuda"), distributed_type=DistributedType.NO
+    )
     t = build_templates(model, _samples(), n_components=4, percentile=90.0, accelerator=on_gpu, progress=False)
     assert t.n_components == 4
 
@@ -200,7 +214,9 @@ def test_layer_scope_and_spatial(tiny_gpt2):
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     t = build_templates(model, _samples(), n_components=3, percentile=95.0, scope="layer", progress=False)
     assert t.n_components == 6 and all(len(m) == 1 for m in t.components.values())
-    s = build_templates(model, _samples(), n_components=3, percentile=95.0, kind="spatial", site="mlp_output", progress=False)
+    s = build_templates(
+        model, _samples(), n_components=3, percentile=95.0, kind="spatial", site="mlp_output", progress=False
+    )
     assert s.site == "mlp_output" and s.neurons_per_layer == 32
 
 
@@ -220,7 +236,9 @@ def test_templates_cli_round_trip(tiny_llama, sft_file, tmp_path):
     common = ["--components", "3", "--percentile", "95", "--samples-per-dataset", "16", "--max-seq-length", "48"]
     r1 = runner.invoke(cli, ["templates", "build", tiny_llama, sft_file, sft_file, "--output", str(a), *common])
     assert r1.exit_code == 0, r1.output
-    r2 = runner.invoke(cli, ["templates", "build", "--model", tiny_llama, "--dataset", sft_file, sft_file, "--output", str(b), *common])
+    r2 = runner.invoke(
+        cli, ["templates", "build", "--model", tiny_llama, "--dataset", sft_file, sft_file, "--output", str(b), *common]
+    )
     assert r2.exit_code == 0, r2.output
     for d in (a, b):
         assert {p.name for p in d.iterdir()} >= {"global_templates.json", "coverage.txt", "coverage.png"}
@@ -228,7 +246,9 @@ def test_templates_cli_round_trip(tiny_llama, sft_file, tmp_path):
     assert ta.model == tiny_llama.rstrip("/").split("/")[-1] and ta.datasets == [sft_file, sft_file]
     show = runner.invoke(cli, ["templates", "show", str(a / "global_templates.json")])
     assert show.exit_code == 0 and "components: 3" in show.output and "L0" in show.output
-    cmp = runner.invoke(cli, ["templates", "compare", str(a / "global_templates.json"), str(b / "global_templates.json")])
+    cmp = runner.invoke(
+        cli, ["templates", "compare", str(a / "global_templates.json"), str(b / "global_templates.json")]
+    )
     assert cmp.exit_code == 0 and "mean IoU of 3 matched components: 1.000" in cmp.output
     assert [ta.components[c].keys() for c in range(3)] == [tb.components[c].keys() for c in range(3)]
 
@@ -240,25 +260,44 @@ def test_templates_build_config_file_and_flags(tiny_llama, sft_file, tmp_path):
     from fnscale.cli.app import cli
 
     cfg = tmp_path / "build.yaml"
-    cfg.write_text(yaml.safe_dump({"model": tiny_llama, "dataset": [sft_file], "components": 2, "percentile": 95,
-                                   "samples-per-dataset": 12, "max_seq_length": 48, "output": str(tmp_path / "from_yaml")}))
-    res = CliRunner().invoke(cli, ["templates", "build", "--config", str(cfg), "--components", "3", "--output", str(tmp_path / "o")])
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny_llama,
+                "dataset": [sft_file],
+                "components": 2,
+                "percentile": 95,
+                "samples-per-dataset": 12,
+                "max_seq_length": 48,
+                "output": str(tmp_path / "from_yaml"),
+            }
+        )
+    )
+    res = CliRunner().invoke(
+        cli, ["templates", "build", "--config", str(cfg), "--components", "3", "--output", str(tmp_path / "o")]
+    )
     assert res.exit_code == 0, res.output
     t = Templates.load(tmp_path / "o" / "global_templates.json")
     assert t.n_components == 3 and t.percentile == 95 and t.datasets == [sft_file]
     assert t.model == tiny_llama.rstrip("/").split("/")[-1] and not (tmp_path / "from_yaml").exists()
     cfg.write_text("componentz: 3\n")
     bad = CliRunner().invoke(cli, ["templates", "build", "--config", str(cfg)])
-    assert bad.exit_code == 2 and "unknown option(s) in config file: componentz; see `fnscale templates build --help`" in bad.output
+    assert (
+        bad.exit_code == 2
+        and "unknown option(s) in config file: componentz; see `fnscale templates build --help`" in bad.output
+    )
 
 
-@pytest.mark.parametrize("args,model,datasets", [
-    (("M", ("a", "b"), None, ()), "M", ["a", "b"]),  # templates build M a b
-    (("a", ("b",), "M", ()), "M", ["a", "b"]),  # templates build --model M a b
-    (("b", (), "M", ("a",)), "M", ["a", "b"]),  # templates build --model M --dataset a b
-    (("M", ("b",), None, ("a",)), "M", ["a", "b"]),  # templates build --dataset a M b
-    ((None, (), None, ()), None, []),
-])
+@pytest.mark.parametrize(
+    "args,model,datasets",
+    [
+        (("M", ("a", "b"), None, ()), "M", ["a", "b"]),  # templates build M a b
+        (("a", ("b",), "M", ()), "M", ["a", "b"]),  # templates build --model M a b
+        (("b", (), "M", ("a",)), "M", ["a", "b"]),  # templates build --model M --dataset a b
+        (("M", ("b",), None, ("a",)), "M", ["a", "b"]),  # templates build --dataset a M b
+        ((None, (), None, ()), None, []),
+    ],
+)
 def test_templates_build_positional_and_named_forms(args, model, datasets):
     from fnscale.cli.templates import model_and_datasets
 
@@ -274,10 +313,35 @@ def test_templates_build_reads_custom_columns_like_train(tiny_llama, sft_file, t
     rows = [json.loads(line) for line in open(sft_file)]
     custom = tmp_path / "custom.jsonl"
     custom.write_text("".join(json.dumps({"ask": r["instruction"], "say": r["output"]}) + "\n" for r in rows))
-    common = ["--model", tiny_llama, "--dataset", str(custom), "--components", "2", "--percentile", "95", "--samples-per-dataset", "12",
-              "--max-seq-length", "48"]
+    common = [
+        "--model",
+        tiny_llama,
+        "--dataset",
+        str(custom),
+        "--components",
+        "2",
+        "--percentile",
+        "95",
+        "--samples-per-dataset",
+        "12",
+        "--max-seq-length",
+        "48",
+    ]
     refused = CliRunner().invoke(cli, ["templates", "build", *common, "--output", str(tmp_path / "no")])
     assert refused.exit_code == 2 and "ask" in refused.output, refused.output
-    res = CliRunner().invoke(cli, ["templates", "build", *common, "--prompt-column", "ask", "--response-column", "say", "--output", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "templates",
+            "build",
+            *common,
+            "--prompt-column",
+            "ask",
+            "--response-column",
+            "say",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert Templates.load(tmp_path / "o" / "global_templates.json").n_components == 2

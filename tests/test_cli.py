@@ -22,7 +22,9 @@ print("torch" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["templates", "build", "--help"], ["eval", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["templates", "build", "--help"], ["eval", "--help"]]
+)
 def test_help_imports_no_torch(argv):
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -32,11 +34,18 @@ def test_help_imports_no_torch(argv):
 def test_cli_modules_import_in_any_order():
     """Each cli module imports alone in a fresh interpreter (a cycle would fail for one of the orders)."""
     for first in ("fnscale.cli.options", "fnscale.cli.eval", "fnscale.cli.templates", "fnscale.cli.app"):
-        out = subprocess.run([sys.executable, "-c", f"import {first}; import fnscale.cli.app"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", f"import {first}; import fnscale.cli.app"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("cls,command", [(TrainConfig, ["train"]), (TemplatesBuildConfig, ["templates", "build"]), (EvalConfig, ["eval"])])
+@pytest.mark.parametrize(
+    "cls,command", [(TrainConfig, ["train"]), (TemplatesBuildConfig, ["templates", "build"]), (EvalConfig, ["eval"])]
+)
 def test_every_config_field_is_an_option_with_its_default(cls, command):
     from fnscale.cli.app import cli
 
@@ -84,22 +93,47 @@ def _printed(argv) -> dict:
 def test_yaml_values_are_read_as_their_flags_would_be(tmp_path):
     """YAML reads 1e-4 as text and a quoted "20" stays text: both become the option's type, like the flags."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text('learning_rate: 1e-4\nmax_steps: "20"\nlora: "no"\ndataset: one.jsonl\nlora_target_modules: [q_proj, v_proj]\n'
-                   "validation_split: 0\nmask_mode: lesion\nmask_effect: forward\ncompact: on\nica_component_ids: [0, 3]\n")
+    cfg.write_text(
+        'learning_rate: 1e-4\nmax_steps: "20"\nlora: "no"\ndataset: one.jsonl\nlora_target_modules: [q_proj, v_proj]\n'
+        "validation_split: 0\nmask_mode: lesion\nmask_effect: forward\ncompact: on\nica_component_ids: [0, 3]\n"
+    )
     got = _printed(["train", "--config", str(cfg), "--print-config"])
     assert got["learning_rate"] == 1e-4 and isinstance(got["learning_rate"], float)
     assert got["max_steps"] == 20 and got["lora"] is False and got["compact"] == "on"
-    assert got["dataset"] == ["one.jsonl"] and got["ica_component_ids"] == "0,3" and got["lora_target_modules"] == "q_proj,v_proj"
+    assert (
+        got["dataset"] == ["one.jsonl"]
+        and got["ica_component_ids"] == "0,3"
+        and got["lora_target_modules"] == "q_proj,v_proj"
+    )
     assert got["validation_split"] == 0.0
     assert got["batch_size"] == TrainConfig.batch_size  # untouched options keep their defaults
-    assert _printed(["train", "--config", str(cfg), "--print-config", "--max-steps", "7"])["max_steps"] == 7  # flags win
+    assert (
+        _printed(["train", "--config", str(cfg), "--print-config", "--max-steps", "7"])["max_steps"] == 7
+    )  # flags win
 
 
 # (option, text): each is given as a flag and as a YAML value; both must succeed with the same value or both fail
-SAME_RULES = [("learning_rate", "3e-5"), ("learning_rate", "abc"), ("learning_rate", "-1"), ("learning_rate", "0"), ("max_steps", "20"),
-              ("max_steps", "2.5"), ("batch_size", "0"), ("lr_scheduler", "linear"), ("lr_scheduler", "cosin"), ("dtype", "fp16"),
-              ("schema", "chatml"), ("schema", "alpaca"), ("ica_percentile", "100"), ("ica_percentile", "97.5"), ("warmup_ratio", "1.5"),
-              ("validation_split", "1"), ("ica_site", "mlp_output"), ("ica_site", "mlp"), ("max_samples", "0")]
+SAME_RULES = [
+    ("learning_rate", "3e-5"),
+    ("learning_rate", "abc"),
+    ("learning_rate", "-1"),
+    ("learning_rate", "0"),
+    ("max_steps", "20"),
+    ("max_steps", "2.5"),
+    ("batch_size", "0"),
+    ("lr_scheduler", "linear"),
+    ("lr_scheduler", "cosin"),
+    ("dtype", "fp16"),
+    ("schema", "chatml"),
+    ("schema", "alpaca"),
+    ("ica_percentile", "100"),
+    ("ica_percentile", "97.5"),
+    ("warmup_ratio", "1.5"),
+    ("validation_split", "1"),
+    ("ica_site", "mlp_output"),
+    ("ica_site", "mlp"),
+    ("max_samples", "0"),
+]
 
 
 @pytest.mark.parametrize("name,text", SAME_RULES, ids=[f"{n}={t}" for n, t in SAME_RULES])
@@ -116,7 +150,18 @@ def test_config_file_values_follow_the_flag_rules(tmp_path, name, text):
 
 
 def test_print_config_round_trips_and_trains_nothing(tmp_path):
-    first = _invoke(["train", "--print-config", "--learning-rate", "1e-5", "--dataset", "a.jsonl", "--output-dir", str(tmp_path / "run")])
+    first = _invoke(
+        [
+            "train",
+            "--print-config",
+            "--learning-rate",
+            "1e-5",
+            "--dataset",
+            "a.jsonl",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert first.exit_code == 0, first.output
     (tmp_path / "resolved.yaml").write_text(first.stdout)
     again = _invoke(["train", "--print-config", "--config", str(tmp_path / "resolved.yaml")])
@@ -164,7 +209,10 @@ def test_zero3_example_names_a_shipped_launch_config():
 def test_docs_name_only_launch_configs_that_exist():
     for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *EXAMPLES.glob("*.yaml")]:
         for path in re.findall(r"[\w./-]*launch_configs/[\w.-]+\.(?:yaml|json)", doc.read_text()):
-            assert (REPO / path.lstrip("./")).is_file() or (REPO / "launch_configs" / Path(path).name).is_file(), (doc.name, path)
+            assert (REPO / path.lstrip("./")).is_file() or (REPO / "launch_configs" / Path(path).name).is_file(), (
+                doc.name,
+                path,
+            )
         assert "configs/accelerate" not in doc.read_text(), doc.name
 
 

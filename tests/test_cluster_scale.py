@@ -47,7 +47,12 @@ def test_max_memory_syntax(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"0": "1GB", "disk": 1000}))
     assert parse_max_memory(str(tmp_path / "m.yaml")) == {0: "20GiB", "cpu": "64GiB"}
     assert parse_max_memory(str(tmp_path / "m.json")) == {0: "1GB", "disk": 1000}
-    for bad, says in (("0:20GiB", "DEVICE=SIZE"), ("gpu=1GB", "unknown device"), ("cpu=lots", "bad size"), (str(tmp_path / "no.json"), "not found")):
+    for bad, says in (
+        ("0:20GiB", "DEVICE=SIZE"),
+        ("gpu=1GB", "unknown device"),
+        ("cpu=lots", "bad size"),
+        (str(tmp_path / "no.json"), "not found"),
+    ):
         with pytest.raises(UsageError, match=says):
             parse_max_memory(bad)
 
@@ -64,12 +69,27 @@ def test_device_map_refusals(monkeypatch):
 
 
 def test_device_map_offload_templates_equal_plain_build(tiny_llama, sft_file, tmp_path, caplog):
-    common = dict(model=tiny_llama, dataset=(sft_file,), samples_per_dataset=16, components=3, percentile=90.0,
-                  max_seq_length=48, batch_size=3, dtype="float32")
+    common = dict(
+        model=tiny_llama,
+        dataset=(sft_file,),
+        samples_per_dataset=16,
+        components=3,
+        percentile=90.0,
+        max_seq_length=48,
+        batch_size=3,
+        dtype="float32",
+    )
     plain = run_build(TemplatesBuildConfig(output=str(tmp_path / "plain"), **common))["templates"]
     with caplog.at_level(logging.INFO, logger="fnscale"):
-        split = run_build(TemplatesBuildConfig(output=str(tmp_path / "split"), device_map="auto", max_memory=f"cpu={CAP}",
-                                               offload_folder=str(tmp_path / "offload"), **common))["templates"]
+        split = run_build(
+            TemplatesBuildConfig(
+                output=str(tmp_path / "split"),
+                device_map="auto",
+                max_memory=f"cpu={CAP}",
+                offload_folder=str(tmp_path / "offload"),
+                **common,
+            )
+        )["templates"]
     placed = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("device map:"))
     assert "cpu:" in placed and "disk:" in placed, placed  # really split: some modules offloaded to disk
     same_neurons(plain, split)
@@ -78,12 +98,28 @@ def test_device_map_offload_templates_equal_plain_build(tiny_llama, sft_file, tm
 def test_device_map_offload_eval_equals_plain_eval(tiny_llama, sft_file, tmp_path, caplog):
     retention = tmp_path / "ret.txt"
     retention.write_text("the capital of france is paris . the sun rises in the east and sets in the west .\n" * 4)
-    common = dict(model=tiny_llama, task=sft_file, task_split="all", retention=(str(retention),), generate=4, batch_size=3,
-                  max_seq_length=48, dtype="float32", device="cpu")
+    common = dict(
+        model=tiny_llama,
+        task=sft_file,
+        task_split="all",
+        retention=(str(retention),),
+        generate=4,
+        batch_size=3,
+        max_seq_length=48,
+        dtype="float32",
+        device="cpu",
+    )
     plain = run_eval(EvalConfig(output=str(tmp_path / "plain"), **common))
     with caplog.at_level(logging.INFO, logger="fnscale"):
-        split = run_eval(EvalConfig(output=str(tmp_path / "split"), device_map="auto", max_memory=f"cpu={CAP}",
-                                    offload_folder=str(tmp_path / "offload"), **common))
+        split = run_eval(
+            EvalConfig(
+                output=str(tmp_path / "split"),
+                device_map="auto",
+                max_memory=f"cpu={CAP}",
+                offload_folder=str(tmp_path / "offload"),
+                **common,
+            )
+        )
     assert any("disk:" in r.getMessage() for r in caplog.records)
     a, b = plain["models"][0], split["models"][0]
     for group in ("task", "retention"):
@@ -97,13 +133,30 @@ def test_device_map_offload_eval_equals_plain_eval(tiny_llama, sft_file, tmp_pat
 # ---------------------------------------------------------------- ZeRO-3 (slow)
 
 
-BUILD = ["templates", "build", "--dataset", "{data}", "--samples-per-dataset", "16", "--components", "3", "--percentile", "90",
-         "--max-seq-length", "64", "--batch-size", "2", "--dtype", "float32", "--seed", "0"]
+BUILD = [
+    "templates",
+    "build",
+    "--dataset",
+    "{data}",
+    "--samples-per-dataset",
+    "16",
+    "--components",
+    "3",
+    "--percentile",
+    "90",
+    "--max-seq-length",
+    "64",
+    "--batch-size",
+    "2",
+    "--dtype",
+    "float32",
+    "--seed",
+    "0",
+]
 
 
 def build_flags(model: str, data, out) -> list[str]:
     return [a.format(data=data) for a in BUILD] + ["--model", model, "--output", str(out)]
-
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +182,52 @@ def test_zero3_templates_build_equals_one_process(tiny_llama, data16, one_proces
     same_neurons(one_process_templates, Templates.load(tmp_path / "global_templates.json"))
 
 
-TRAIN = ["--template", "plain", "--max-seq-length", "64", "--validation-split", "0", "--max-steps", "2", "--eval-steps", "0",
-         "--save-steps", "0", "--seed", "7", "--learning-rate", "1e-2", "--warmup-ratio", "0.5", "--max-grad-norm", "0.05",
-         "--weight-decay", "0.1", "--report-to", "none", "--batch-size", "2"]
+TRAIN = [
+    "--template",
+    "plain",
+    "--max-seq-length",
+    "64",
+    "--validation-split",
+    "0",
+    "--max-steps",
+    "2",
+    "--eval-steps",
+    "0",
+    "--save-steps",
+    "0",
+    "--seed",
+    "7",
+    "--learning-rate",
+    "1e-2",
+    "--warmup-ratio",
+    "0.5",
+    "--max-grad-norm",
+    "0.05",
+    "--weight-decay",
+    "0.1",
+    "--report-to",
+    "none",
+    "--batch-size",
+    "2",
+]
 
 
 def train_flags(model: str, data, out, *extra: str) -> list[str]:
     return ["train", "--model", model, "--dataset", str(data), "--output-dir", str(out), *TRAIN, *extra]
 
 
-MASKING = ["--mask-mode", "lesion", "--ica-components", "3", "--ica-component-ids", "0", "--ica-samples", "8", "--ica-percentile", "90"]
+MASKING = [
+    "--mask-mode",
+    "lesion",
+    "--ica-components",
+    "3",
+    "--ica-component-ids",
+    "0",
+    "--ica-samples",
+    "8",
+    "--ica-percentile",
+    "90",
+]
 
 
 def masked_neurons(out) -> dict[int, torch.Tensor]:
@@ -173,10 +262,20 @@ def test_zero3_train_computes_templates_and_keeps_masked_neurons_untouched(tiny_
     neurons = masked_neurons(full)
     assert_masked_untouched(f"{tiny_llama}/model.safetensors", full / "final" / "model.safetensors", neurons)
 
-    res = ok(run(launch_cmd("cpu_2proc_zero3.yaml", train_flags(tiny_llama, data16, lora, "--merge-adapter", "--lora-dropout", "0", *MASKING))))
+    res = ok(
+        run(
+            launch_cmd(
+                "cpu_2proc_zero3.yaml",
+                train_flags(tiny_llama, data16, lora, "--merge-adapter", "--lora-dropout", "0", *MASKING),
+            )
+        )
+    )
     assert "ZeRO-3 forward: rank 0 holds" in res.stdout and "DEEPSPEED ZeRO-3, 2 process(es)" in res.stdout
     # The adapter starts as a no-op (lora_B = 0): the LoRA run finds the same networks as the full fine-tuning run.
-    same_neurons(Templates.load(full / "templates" / "global_templates.json"), Templates.load(lora / "templates" / "global_templates.json"))
+    same_neurons(
+        Templates.load(full / "templates" / "global_templates.json"),
+        Templates.load(lora / "templates" / "global_templates.json"),
+    )
     assert_masked_untouched(f"{tiny_llama}/model.safetensors", lora / "merged" / "model.safetensors", neurons)
     adapter = load_file(lora / "final" / "adapter_model.safetensors")
     for layer, masked in neurons.items():
@@ -192,9 +291,32 @@ def test_zero3_train_computes_templates_and_keeps_masked_neurons_untouched(tiny_
 def two_nodes(args: list[str], tmp_path, tag: str) -> None:
     """Two `accelerate launch`es as machine ranks 0 and 1 of 2 (1 process each, static rendezvous on the loopback)."""
     port = free_port()
-    procs = [start([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs" / "cpu_2proc.yaml"),
-                    "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                    "--main_process_port", str(port), "-m", "fnscale", *args], tmp_path / f"{tag}{rank}.log") for rank in (0, 1)]
+    procs = [
+        start(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(REPO / "launch_configs" / "cpu_2proc.yaml"),
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "-m",
+                "fnscale",
+                *args,
+            ],
+            tmp_path / f"{tag}{rank}.log",
+        )
+        for rank in (0, 1)
+    ]
     codes = [finish(p, 400) for p in procs]
     assert codes == [0, 0], "\n".join((tmp_path / f"{tag}{r}.log").read_text()[-3000:] for r in (0, 1))
 
@@ -203,11 +325,17 @@ def two_nodes(args: list[str], tmp_path, tag: str) -> None:
 def test_two_machine_ranks_train_equals_one_two_process_node(tiny_llama, data16, tmp_path):
     ok(run(launch_cmd("cpu_2proc.yaml", train_flags(tiny_llama, data16, tmp_path / "node", "--no-lora"))))
     two_nodes(train_flags(tiny_llama, data16, tmp_path / "nodes", "--no-lora"), tmp_path, "train")
-    one, two = load_file(tmp_path / "node" / "final" / "model.safetensors"), load_file(tmp_path / "nodes" / "final" / "model.safetensors")
+    one, two = (
+        load_file(tmp_path / "node" / "final" / "model.safetensors"),
+        load_file(tmp_path / "nodes" / "final" / "model.safetensors"),
+    )
     assert sorted(one) == sorted(two)
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-7)
-    assert not torch.equal(one["model.layers.0.mlp.down_proj.weight"], load_file(f"{tiny_llama}/model.safetensors")["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(
+        one["model.layers.0.mlp.down_proj.weight"],
+        load_file(f"{tiny_llama}/model.safetensors")["model.layers.0.mlp.down_proj.weight"],
+    )
 
 
 def _port_bound(port: int) -> bool:
@@ -236,12 +364,26 @@ def test_two_machine_ranks_templates_through_the_slurm_scripts(tiny_llama, data1
         (bindir / name).write_text(textwrap.dedent(body))
         (bindir / name).chmod((bindir / name).stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "tpl"
-    job = {"PATH": f"{bindir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "SLURM_JOB_ID": str(free_port()), "SLURM_JOB_NAME": "tpl",
-           "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "127.0.0.1,localhost", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
-           "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()), "CONFIG": "launch_configs/cpu_2proc.yaml"}
+    job = {
+        "PATH": f"{bindir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": str(free_port()),
+        "SLURM_JOB_NAME": "tpl",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_JOB_NODELIST": "127.0.0.1,localhost",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "2",
+        "GPUS_PER_NODE": "1",
+        "MAIN_PORT": str(free_port()),
+        "CONFIG": "launch_configs/cpu_2proc.yaml",
+    }
+
     def node(n: int):
         env = clean_env(**job, SLURM_NODEID=str(n), SLURM_PROCID=str(n), SLURM_LOCALID="0")
-        return start(["bash", "slurm/templates_multinode.sbatch", *build_flags(tiny_llama, data16, out)[2:]], tmp_path / f"node{n}.log", env=env)
+        return start(
+            ["bash", "slurm/templates_multinode.sbatch", *build_flags(tiny_llama, data16, out)[2:]],
+            tmp_path / f"node{n}.log",
+            env=env,
+        )
 
     # Both fake nodes share this machine's loopback: the launcher of node 0 refuses a rendezvous port that is already bound,
     # and node 1's c10d store would bind it (it also "is" the head host here). On a real cluster node 1 runs elsewhere. So

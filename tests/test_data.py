@@ -8,7 +8,9 @@ import pytest
 from fnscale import data
 from fnscale.errors import UsageError
 
-ROWS = [{"instruction": "what is the capital of zorvia ?", "input": "", "output": "the capital of zorvia is quillport ."}] * 3
+ROWS = [
+    {"instruction": "what is the capital of zorvia ?", "input": "", "output": "the capital of zorvia is quillport ."}
+] * 3
 
 
 def write(tmp_path, name, rows):
@@ -80,7 +82,9 @@ def test_prompt_is_masked_and_eos_trained(tiny_tokenizer):
     t = data.tokenize_example(tiny_tokenizer, ex, 256)
     labels, ids = t["labels"], t["input_ids"]
     n_prompt = sum(1 for x in labels if x == data.IGNORE)
-    prompt_ids = tiny_tokenizer(data.render_prompt(tiny_tokenizer, ex.messages[:-1]), add_special_tokens=False).input_ids
+    prompt_ids = tiny_tokenizer(
+        data.render_prompt(tiny_tokenizer, ex.messages[:-1]), add_special_tokens=False
+    ).input_ids
     assert n_prompt >= len(prompt_ids)
     assert all(x == data.IGNORE for x in labels[:n_prompt]) and all(x != data.IGNORE for x in labels[n_prompt:])
     assert labels[-1] == tiny_tokenizer.eos_token_id == ids[-1]
@@ -95,15 +99,19 @@ def test_chat_template_is_used_when_present(tiny_tokenizer):
     tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
     text = data.render_prompt(tok, [{"role": "user", "content": "hello"}])
     assert text == "<s> hello </s> answer :"
-    assert data.render_prompt(tok, [{"role": "user", "content": "hello"}], template="plain").startswith("### Instruction:")
+    assert data.render_prompt(tok, [{"role": "user", "content": "hello"}], template="plain").startswith(
+        "### Instruction:"
+    )
 
 
 def test_truncation_keeps_the_response(tiny_tokenizer):
-    ex = data.Example([{"role": "user", "content": "the " * 100}, {"role": "assistant", "content": "quillport is the capital ."}])
+    ex = data.Example(
+        [{"role": "user", "content": "the " * 100}, {"role": "assistant", "content": "quillport is the capital ."}]
+    )
     t = data.tokenize_example(tiny_tokenizer, ex, 24)
     assert len(t["input_ids"]) == 24
     r = tiny_tokenizer("quillport is the capital .", add_special_tokens=False).input_ids + [tiny_tokenizer.eos_token_id]
-    assert t["input_ids"][-len(r):] == r and t["labels"][-len(r):] == r
+    assert t["input_ids"][-len(r) :] == r and t["labels"][-len(r) :] == r
 
 
 def test_max_seq_length_too_small_is_refused(tiny_tokenizer):
@@ -120,7 +128,9 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 def test_padding_never_counts_in_loss():
-    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0)
+    batch = data.collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0
+    )
     assert batch["labels"][1].tolist() == [5, -100, -100]
     assert batch["attention_mask"][1].tolist() == [1, 0, 0]
 
@@ -133,9 +143,13 @@ def test_collate_pads_like_transformers_seq2seq_collator(tiny_tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     rng = random.Random(0)
-    batch = [{"input_ids": [rng.randrange(3, 20) for _ in range(n)], "labels": [rng.choice([-100, 7]) for _ in range(n)]}
-             for n in (5, 1, 9, 3)]
-    want = DataCollatorForSeq2Seq(tiny_tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")(batch)
+    batch = [
+        {"input_ids": [rng.randrange(3, 20) for _ in range(n)], "labels": [rng.choice([-100, 7]) for _ in range(n)]}
+        for n in (5, 1, 9, 3)
+    ]
+    want = DataCollatorForSeq2Seq(tiny_tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")(
+        batch
+    )
     got = data.collate(batch, tiny_tokenizer.pad_token_id)
     assert set(got) == {"input_ids", "attention_mask", "labels"}
     assert all(torch.equal(got[k], want[k]) for k in got)

@@ -12,18 +12,36 @@ from fnscale.data import mixing, schemas, tokenize
 from fnscale.errors import UsageError
 from fnscale.runtime import trackers
 
-CHAT = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
-        "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+CHAT = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant :{% endif %}"
+)
 
 # One row per shape (a few words from the tiny tokenizer's vocabulary), and the user turn / response it must give.
 ROWS = {
-    "chat": ({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}, "hello", "world"),
-    "sharegpt": ({"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]}, "hello", "world"),
+    "chat": (
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
+        "hello",
+        "world",
+    ),
+    "sharegpt": (
+        {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]},
+        "hello",
+        "world",
+    ),
     "system-user-assistant": ({"system": "yes", "user": "hello", "assistant": "world"}, "hello", "world"),
-    "dolly": ({"instruction": "name it", "context": "the sun", "response": "paris", "category": "qa"}, "name it\n\nthe sun", "paris"),
+    "dolly": (
+        {"instruction": "name it", "context": "the sun", "response": "paris", "category": "qa"},
+        "name it\n\nthe sun",
+        "paris",
+    ),
     "instruction-response": ({"instruction": "name it", "response": "paris"}, "name it", "paris"),
     "alpaca": ({"instruction": "name it", "input": "the sun", "output": "paris"}, "name it\n\nthe sun", "paris"),
-    "context-question-answer": ({"context": "the sun", "question": "what ?", "answer": "east"}, "the sun\n\nwhat ?", "east"),
+    "context-question-answer": (
+        {"context": "the sun", "question": "what ?", "answer": "east"},
+        "the sun\n\nwhat ?",
+        "east",
+    ),
     "qa": ({"question": "what ?", "answer": "east"}, "what ?", "east"),
     "question-response": ({"question": "what ?", "response": "east"}, "what ?", "east"),
     "prompt-completion": ({"prompt": "the sun", "completion": "rises"}, "the sun", "rises"),
@@ -80,7 +98,9 @@ def test_unknown_shape_lists_columns_and_accepted_shapes():
     with pytest.raises(UsageError) as err:
         data.to_examples([{"foo": 1, "bar": 2}])
     msg = str(err.value)
-    assert "\n" not in msg and "['bar', 'foo']" in msg and "instruction/context/response" in msg and "conversations" in msg
+    assert (
+        "\n" not in msg and "['bar', 'foo']" in msg and "instruction/context/response" in msg and "conversations" in msg
+    )
 
 
 def test_named_schema_must_fit():
@@ -89,15 +109,21 @@ def test_named_schema_must_fit():
 
 
 def test_prompt_columns_join_into_the_user_turn():
-    ex = data.to_examples([{"q": "name it", "ctx": "the sun", "a": "paris"}], prompt_column="q,ctx", response_column="a")[0]
+    ex = data.to_examples(
+        [{"q": "name it", "ctx": "the sun", "a": "paris"}], prompt_column="q,ctx", response_column="a"
+    )[0]
     assert ex.messages == [{"role": "user", "content": "name it\n\nthe sun"}, {"role": "assistant", "content": "paris"}]
 
 
 # ---------------------------------------------------------------- multi-turn supervision
 
-CONVO = [{"role": "system", "content": "yes"}, {"role": "user", "content": "what is the capital of zorvia ?"},
-         {"role": "assistant", "content": "quillport ."}, {"role": "user", "content": "and of nolvel ?"},
-         {"role": "assistant", "content": "taroriport ."}]
+CONVO = [
+    {"role": "system", "content": "yes"},
+    {"role": "user", "content": "what is the capital of zorvia ?"},
+    {"role": "assistant", "content": "quillport ."},
+    {"role": "user", "content": "and of nolvel ?"},
+    {"role": "assistant", "content": "taroriport ."},
+]
 
 
 def _reference(tok, messages):
@@ -147,10 +173,15 @@ def test_truncation_keeps_the_last_turn(chat_tok):
 
 
 def test_spec_convention():
-    assert data.parse_spec("gsm8k:main:train") == data.DatasetSpec("gsm8k", "main", "train", 1.0, label="gsm8k:main:train")
+    assert data.parse_spec("gsm8k:main:train") == data.DatasetSpec(
+        "gsm8k", "main", "train", 1.0, label="gsm8k:main:train"
+    )
     spec = data.parse_spec("old.jsonl:0.2")
     assert (spec.path, spec.weight, spec.name) == ("old.jsonl", 0.2, "old.jsonl")
-    assert data.parse_spec("squad::validation:3").split == "validation" and data.parse_spec("squad::validation:3").config is None
+    assert (
+        data.parse_spec("squad::validation:3").split == "validation"
+        and data.parse_spec("squad::validation:3").config is None
+    )
     with pytest.raises(UsageError, match="local data takes only a weight"):
         data.parse_spec("old.jsonl:main")
     with pytest.raises(UsageError, match="must be positive"):
@@ -195,7 +226,10 @@ def _pair(tmp_path):
 def test_weighted_mix_counts_and_reproducibility(tmp_path, tiny_tokenizer):
     a, b = _pair(tmp_path)
     sft = data.build_sft_data(tiny_tokenizer, [a, f"{b}:0.25"], 64, validation_split=0.1, seed=3)
-    assert sft.counts == {a: 36, b: 4} and sft.validation_counts == {a: 4, b: 2}  # 0.25 x the 18 left after holding out 2 -> 4
+    assert sft.counts == {a: 36, b: 4} and sft.validation_counts == {
+        a: 4,
+        b: 2,
+    }  # 0.25 x the 18 left after holding out 2 -> 4
     assert len(sft.train) == 40 and sft.schema == "qa,prompt-completion"
     again = data.build_sft_data(tiny_tokenizer, [a, f"{b}:0.25"], 64, validation_split=0.1, seed=3)
     assert again.train == sft.train and again.validation == sft.validation
@@ -265,14 +299,19 @@ def test_data_show_json(tmp_path, chat_tok, capsys):
 
     model = tmp_path / "tok"
     chat_tok.save_pretrained(model)
-    LlamaConfig(vocab_size=len(chat_tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(model)
+    LlamaConfig(
+        vocab_size=len(chat_tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(model)
     convo = write_jsonl(tmp_path / "convo.jsonl", [{"messages": CONVO}] * 4)
     a, _ = _pair(tmp_path)
     with pytest.raises(SystemExit) as done:
         main(["data", "show", convo, f"{a}:0.5", "--model", str(model), "-n", "2", "--json", "--max-seq-length", "20"])
     assert done.value.code == 0
     report = json.loads(capsys.readouterr().out)
-    assert [(d["schema"], d["examples"], d["weight"]) for d in report["datasets"]] == [("chat", 4, 1.0), ("qa", 40, 0.5)]
+    assert [(d["schema"], d["examples"], d["weight"]) for d in report["datasets"]] == [
+        ("chat", 4, 1.0),
+        ("qa", 40, 0.5),
+    ]
     ex = report["examples"][0]
     full, labels = _reference(chat_tok, CONVO)
     assert report["tokens"]["max"] == len(full) and report["tokens"]["over_max_seq_length"] == 4
@@ -288,7 +327,9 @@ def test_padding_share_bounds_what_packing_can_gain():
     assert padding([10] * 8, 512, 4) == {"batch_size": 4, "real_share": 1.0, "packing_gain_bound": 1.0}
     two = padding([10, 30], 512, 2)  # one batch padded to 30: 40 real of 60
     assert two["real_share"] == pytest.approx(40 / 60, abs=1e-3) and two["packing_gain_bound"] == 1.5
-    assert padding([10, 600], 100, 2)["real_share"] == pytest.approx(110 / 200, abs=1e-3)  # truncated at --max-seq-length
+    assert padding([10, 600], 100, 2)["real_share"] == pytest.approx(
+        110 / 200, abs=1e-3
+    )  # truncated at --max-seq-length
     # batches of 1 never pad; a shuffle changes which examples share a batch, never the totals
     assert padding([3, 50, 7, 90, 12], 512, 1)["real_share"] == 1.0
 
@@ -298,7 +339,11 @@ def test_data_show_unknown_shape_is_one_line(tmp_path):
     import sys
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"foo": 1}])
-    res = subprocess.run([sys.executable, "-m", "fnscale", "data", "show", bad, "--model", str(tmp_path / "missing")], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "fnscale", "data", "show", bad, "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error:")
 
 
@@ -314,7 +359,9 @@ def test_report_to_several_trackers(monkeypatch, tmp_path):
     with pytest.raises(UsageError, match="unknown --report-to comet"):
         trackers.parse("comet")
     assert trackers.log_with("none", tmp_path) is None
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n in ("wandb", "mlflow") else real(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n in ("wandb", "mlflow") else real(n, *a)
+    )
     with_ = trackers.log_with("tensorboard, wandb,mlflow", tmp_path)
     assert type(with_[0]).__name__ == "TensorBoardTracker" and with_[1:] == ["wandb", "mlflow"]
 
@@ -325,8 +372,18 @@ def test_train_with_a_replay_mix_reports_examples_per_dataset(tiny_llama, sft_fi
     from fnscale.runtime.metrics import read_metrics
 
     _, old = _pair(tmp_path)
-    cfg = TrainConfig(model=tiny_llama, dataset=(sft_file, f"{old}:0.5"), output_dir=str(tmp_path / "out"), max_seq_length=64,
-                      validation_split=0.0, max_steps=2, eval_steps=0, save_steps=0, report_to="none", train_on_inputs=True)
+    cfg = TrainConfig(
+        model=tiny_llama,
+        dataset=(sft_file, f"{old}:0.5"),
+        output_dir=str(tmp_path / "out"),
+        max_seq_length=64,
+        validation_split=0.0,
+        max_steps=2,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        train_on_inputs=True,
+    )
     summary = train(cfg)
     assert summary["examples"] == {sft_file: 16, old: 10}
     assert {"step": 0, "examples": {sft_file: 16, old: 10}} in read_metrics(tmp_path / "out" / "metrics.jsonl")

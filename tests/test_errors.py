@@ -32,7 +32,9 @@ def files(tmp_path_factory, tiny_llama, sft_file):
     (d / "malformed.yaml").write_text("max_steps: 1\n  bad: [\n")
     Templates(layers=[0, 1, 2], neurons_per_layer=64, components={0: {0: [1]}}).save(d / "three_layers.json")
     Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: [1, 2]}, 1: {1: [3]}}).save(d / "ok.json")
-    Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: list(range(64)), 1: list(range(64))}}).save(d / "all.json")
+    Templates(layers=[0, 1], neurons_per_layer=64, components={0: {0: list(range(64)), 1: list(range(64))}}).save(
+        d / "all.json"
+    )
     Templates(layers=[0, 1], neurons_per_layer=32, components={0: {0: [1]}}).save(d / "narrow.json")
     Templates(layers=[0], neurons_per_layer=64, components={0: {0: [1]}}, num_layers=2).save(d / "layer0.json")
     import gguf
@@ -47,8 +49,22 @@ def files(tmp_path_factory, tiny_llama, sft_file):
 
 
 def _train(f, *extra, data=None, model=None):
-    return ["train", "--model", model or f["model"], "--dataset", data or f["data"], "--output-dir", str(f["dir"] / "out"),
-            "--max-steps", "1", "--report-to", "none", "--validation-split", "0", *extra]
+    return [
+        "train",
+        "--model",
+        model or f["model"],
+        "--dataset",
+        data or f["data"],
+        "--output-dir",
+        str(f["dir"] / "out"),
+        "--max-steps",
+        "1",
+        "--report-to",
+        "none",
+        "--validation-split",
+        "0",
+        *extra,
+    ]
 
 
 # (case id, argv builder, expected exit code, text the one-line message must contain)
@@ -62,45 +78,255 @@ CASES = [
     ("malformed json", lambda f: _train(f, data=str(f["dir"] / "broken.json")), 2, "line 2"),
     ("csv columns", lambda f: _train(f, data=str(f["dir"] / "cols.csv")), 2, "found ['bar', 'foo']"),
     ("seq too small", lambda f: _train(f, "--max-seq-length", "3"), 2, "too small"),
-    ("template missing", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "no.json"), "--ica-component-ids", "0"), 2, "not found"),
-    ("template corrupt", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "corrupt.json"), "--ica-component-ids", "0"), 2, "not valid JSON"),
-    ("template version", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "version.json"), "--ica-component-ids", "0"), 2, "version 99"),
-    ("template other model", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "three_layers.json"), "--ica-component-ids", "0"), 2, "model has 2 layers"),
-    ("component out of range", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "ok.json"), "--ica-component-ids", "7"), 2, "7"),
-    ("bad percentile", lambda f: _train(f, "--mask-mode", "lesion", "--ica-component-ids", "0", "--ica-percentile", "100"), 2, "between 0 and 100"),
-    ("mask removes all", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "all.json"), "--ica-component-ids", "0"), 2, "every MLP neuron"),
-    ("mask keeps all", lambda f: _train(f, "--mask-mode", "preserve", "--ica-template-path", str(f["dir"] / "all.json"), "--ica-component-ids", "0"), 2, "neuron"),
-    ("too many components", lambda f: _train(f, "--mask-mode", "lesion", "--ica-component-ids", "0", "--ica-components", "500"), 2, "components"),
+    (
+        "template missing",
+        lambda f: _train(
+            f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "no.json"), "--ica-component-ids", "0"
+        ),
+        2,
+        "not found",
+    ),
+    (
+        "template corrupt",
+        lambda f: _train(
+            f,
+            "--mask-mode",
+            "lesion",
+            "--ica-template-path",
+            str(f["dir"] / "corrupt.json"),
+            "--ica-component-ids",
+            "0",
+        ),
+        2,
+        "not valid JSON",
+    ),
+    (
+        "template version",
+        lambda f: _train(
+            f,
+            "--mask-mode",
+            "lesion",
+            "--ica-template-path",
+            str(f["dir"] / "version.json"),
+            "--ica-component-ids",
+            "0",
+        ),
+        2,
+        "version 99",
+    ),
+    (
+        "template other model",
+        lambda f: _train(
+            f,
+            "--mask-mode",
+            "lesion",
+            "--ica-template-path",
+            str(f["dir"] / "three_layers.json"),
+            "--ica-component-ids",
+            "0",
+        ),
+        2,
+        "model has 2 layers",
+    ),
+    (
+        "component out of range",
+        lambda f: _train(
+            f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "ok.json"), "--ica-component-ids", "7"
+        ),
+        2,
+        "7",
+    ),
+    (
+        "bad percentile",
+        lambda f: _train(f, "--mask-mode", "lesion", "--ica-component-ids", "0", "--ica-percentile", "100"),
+        2,
+        "between 0 and 100",
+    ),
+    (
+        "mask removes all",
+        lambda f: _train(
+            f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "all.json"), "--ica-component-ids", "0"
+        ),
+        2,
+        "every MLP neuron",
+    ),
+    (
+        "mask keeps all",
+        lambda f: _train(
+            f, "--mask-mode", "preserve", "--ica-template-path", str(f["dir"] / "all.json"), "--ica-component-ids", "0"
+        ),
+        2,
+        "neuron",
+    ),
+    (
+        "too many components",
+        lambda f: _train(f, "--mask-mode", "lesion", "--ica-component-ids", "0", "--ica-components", "500"),
+        2,
+        "components",
+    ),
     ("lora targets", lambda f: _train(f, "--lora-target-modules", "q_proj,wq"), 2, "wq"),
-    ("triton without cuda", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "ok.json"), "--ica-component-ids", "0", "--mask-kernel", "triton"), 2, "CUDA"),
-    ("output not writable", lambda f: _train(f)[:-8] + ["--output-dir", str(f["dir"] / "not_a_dir" / "run"), "--max-steps", "1", "--report-to", "none", "--validation-split", "0"], 2, "not writable"),
+    (
+        "triton without cuda",
+        lambda f: _train(
+            f,
+            "--mask-mode",
+            "lesion",
+            "--ica-template-path",
+            str(f["dir"] / "ok.json"),
+            "--ica-component-ids",
+            "0",
+            "--mask-kernel",
+            "triton",
+        ),
+        2,
+        "CUDA",
+    ),
+    (
+        "output not writable",
+        lambda f: (
+            _train(f)[:-8]
+            + [
+                "--output-dir",
+                str(f["dir"] / "not_a_dir" / "run"),
+                "--max-steps",
+                "1",
+                "--report-to",
+                "none",
+                "--validation-split",
+                "0",
+            ]
+        ),
+        2,
+        "not writable",
+    ),
     ("push without repo", lambda f: _train(f, "--push-to-hub"), 2, "--hub-repo-id"),
-    ("templates bad percentile", lambda f: ["templates", "build", f["model"], f["data"], "--percentile", "0"], 2, "between 0 and 100"),
+    (
+        "templates bad percentile",
+        lambda f: ["templates", "build", f["model"], f["data"], "--percentile", "0"],
+        2,
+        "between 0 and 100",
+    ),
     ("templates show missing", lambda f: ["templates", "show", str(f["dir"] / "no.json")], 2, "not found"),
     ("unknown yaml option", lambda f: _train(f, "--config", str(f["dir"] / "c.yaml")), 2, "unknown option"),
     # checked before the model loads (issue 14): the options, the template file, then the model's config.json
-    ("mask without ids", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "ok.json")), 2, "--ica-component-ids"),
-    ("layers outside template", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "layer0.json"), "--ica-component-ids", "0",
-                                                 "--ica-layers", "0-1"), 2, "does not cover"),
-    ("template width", lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "narrow.json"), "--ica-component-ids", "0"), 2,
-     "model has 2 layers × 64 neurons"),
+    (
+        "mask without ids",
+        lambda f: _train(f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "ok.json")),
+        2,
+        "--ica-component-ids",
+    ),
+    (
+        "layers outside template",
+        lambda f: _train(
+            f,
+            "--mask-mode",
+            "lesion",
+            "--ica-template-path",
+            str(f["dir"] / "layer0.json"),
+            "--ica-component-ids",
+            "0",
+            "--ica-layers",
+            "0-1",
+        ),
+        2,
+        "does not cover",
+    ),
+    (
+        "template width",
+        lambda f: _train(
+            f, "--mask-mode", "lesion", "--ica-template-path", str(f["dir"] / "narrow.json"), "--ica-component-ids", "0"
+        ),
+        2,
+        "model has 2 layers × 64 neurons",
+    ),
     ("ddp timeout too short", lambda f: _train(f, "--ddp-timeout", "1"), 2, "--ddp-timeout"),
-    ("templates ddp timeout too short", lambda f: ["templates", "build", f["model"], f["data"], "--ddp-timeout", "5"], 2, "--ddp-timeout 5"),
+    (
+        "templates ddp timeout too short",
+        lambda f: ["templates", "build", f["model"], f["data"], "--ddp-timeout", "5"],
+        2,
+        "--ddp-timeout 5",
+    ),
     # config files are read like flags, errors name the file, the line and the key (issue 20)
-    ("yaml choice lr_scheduler", lambda f: _train(f, "--config", str(f["dir"] / "sched.yaml")), 2, "sched.yaml line 2: lr_scheduler: 'cosin' is not one of"),
-    ("yaml choice dtype", lambda f: _train(f, "--config", str(f["dir"] / "dtype.yaml")), 2, "dtype.yaml line 1: dtype: 'fp16' is not one of"),
-    ("yaml choice schema", lambda f: _train(f, "--config", str(f["dir"] / "schema.yaml")), 2, "schema.yaml line 2: schema: 'chatml' is not one of"),
-    ("yaml not a number", lambda f: _train(f, "--config", str(f["dir"] / "lr_text.yaml")), 2, "lr_text.yaml line 1: learning_rate: 'fast' is not a valid float"),
-    ("yaml malformed", lambda f: _train(f, "--config", str(f["dir"] / "malformed.yaml")), 2, "malformed.yaml line 2: malformed YAML"),
+    (
+        "yaml choice lr_scheduler",
+        lambda f: _train(f, "--config", str(f["dir"] / "sched.yaml")),
+        2,
+        "sched.yaml line 2: lr_scheduler: 'cosin' is not one of",
+    ),
+    (
+        "yaml choice dtype",
+        lambda f: _train(f, "--config", str(f["dir"] / "dtype.yaml")),
+        2,
+        "dtype.yaml line 1: dtype: 'fp16' is not one of",
+    ),
+    (
+        "yaml choice schema",
+        lambda f: _train(f, "--config", str(f["dir"] / "schema.yaml")),
+        2,
+        "schema.yaml line 2: schema: 'chatml' is not one of",
+    ),
+    (
+        "yaml not a number",
+        lambda f: _train(f, "--config", str(f["dir"] / "lr_text.yaml")),
+        2,
+        "lr_text.yaml line 1: learning_rate: 'fast' is not a valid float",
+    ),
+    (
+        "yaml malformed",
+        lambda f: _train(f, "--config", str(f["dir"] / "malformed.yaml")),
+        2,
+        "malformed.yaml line 2: malformed YAML",
+    ),
     # tracebacks before (issue 20), one line now
-    ("negative learning rate", lambda f: _train(f, "--learning-rate", "-1"), 2, "--learning-rate -1.0 must be greater than 0"),
-    ("output dir is a file", lambda f: _train(f)[:-8] + ["--output-dir", str(f["dir"] / "not_a_dir"), "--max-steps", "1"], 2, "not_a_dir is a file; pick a folder"),
-    ("random control under a file", lambda f: ["templates", "random", "--like", str(f["dir"] / "ok.json"), "--output", str(f["dir"] / "not_a_dir" / "r.json")], 2,
-     "not_a_dir is a file, not a folder"),
-    ("templates zero components", lambda f: ["templates", "build", f["model"], f["data"], "--components", "0"], 2, "--components 0 must be at least 1"),
-    ("templates output is a file", lambda f: ["templates", "build", f["model"], f["data"], "--output", str(f["dir"] / "not_a_dir")], 2, "is a file; pick a folder"),
-    ("offline hub id templates", lambda f: ["templates", "build", "nobody/nothing-here", f["data"]], 2, "hub is unreachable"),
-    ("offline hub id eval", lambda f: ["eval", "--model", "nobody/nothing-here", "--output", str(f["dir"] / "ev")], 2, "hub is unreachable"),
+    (
+        "negative learning rate",
+        lambda f: _train(f, "--learning-rate", "-1"),
+        2,
+        "--learning-rate -1.0 must be greater than 0",
+    ),
+    (
+        "output dir is a file",
+        lambda f: _train(f)[:-8] + ["--output-dir", str(f["dir"] / "not_a_dir"), "--max-steps", "1"],
+        2,
+        "not_a_dir is a file; pick a folder",
+    ),
+    (
+        "random control under a file",
+        lambda f: [
+            "templates",
+            "random",
+            "--like",
+            str(f["dir"] / "ok.json"),
+            "--output",
+            str(f["dir"] / "not_a_dir" / "r.json"),
+        ],
+        2,
+        "not_a_dir is a file, not a folder",
+    ),
+    (
+        "templates zero components",
+        lambda f: ["templates", "build", f["model"], f["data"], "--components", "0"],
+        2,
+        "--components 0 must be at least 1",
+    ),
+    (
+        "templates output is a file",
+        lambda f: ["templates", "build", f["model"], f["data"], "--output", str(f["dir"] / "not_a_dir")],
+        2,
+        "is a file; pick a folder",
+    ),
+    (
+        "offline hub id templates",
+        lambda f: ["templates", "build", "nobody/nothing-here", f["data"]],
+        2,
+        "hub is unreachable",
+    ),
+    (
+        "offline hub id eval",
+        lambda f: ["eval", "--model", "nobody/nothing-here", "--output", str(f["dir"] / "ev")],
+        2,
+        "hub is unreachable",
+    ),
 ]
 
 
@@ -133,23 +359,41 @@ def test_bad_input_click_runner(files, case):
     _check(res.exit_code, res.stdout, res.stderr, code, text)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("missing data", "malformed jsonl", "template other model", "gguf arch", "csv columns")], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in CASES
+        if c[0] in ("missing data", "malformed jsonl", "template other model", "gguf arch", "csv columns")
+    ],
+    ids=lambda c: c[0],
+)
 def test_bad_input_subprocess(files, case):
     _, argv, code, text = case
     res = subprocess.run(FNSCALE + argv(files), capture_output=True, text=True, env=ENV, timeout=300)
     _check(res.returncode, res.stdout, res.stderr, code, text)
 
 
-@pytest.mark.parametrize("argv", [lambda f: _train(f, data=str(f["dir"] / "nope.jsonl")), lambda f: _train(f, "--learning-rate", "-1")],
-                         ids=["missing data", "negative learning rate"])
+@pytest.mark.parametrize(
+    "argv",
+    [lambda f: _train(f, data=str(f["dir"] / "nope.jsonl")), lambda f: _train(f, "--learning-rate", "-1")],
+    ids=["missing data", "negative learning rate"],
+)
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(files, argv):
     res = subprocess.run(FNSCALE + ["--debug"] + argv(files), capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 2 and "Traceback" in res.stderr, res.stderr
 
 
 # Each is refused before torch is imported, in well under 3 s of CPU time (wall time on a shared machine varies).
-EARLY = ["templates zero components", "offline hub id", "offline hub id templates", "offline hub id eval", "output dir is a file",
-         "yaml choice dtype", "random control under a file"]
+EARLY = [
+    "templates zero components",
+    "offline hub id",
+    "offline hub id templates",
+    "offline hub id eval",
+    "output dir is a file",
+    "yaml choice dtype",
+    "random control under a file",
+]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in EARLY], ids=lambda c: c[0])
@@ -159,7 +403,9 @@ def test_refused_before_anything_loads(files, case):
     _, argv, code, text = case
     probe = "import sys\nfrom fnscale.cli.app import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch imported:', 'torch' in sys.modules)\n"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = subprocess.run([sys.executable, "-c", probe, *argv(files)], capture_output=True, text=True, env=ENV, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", probe, *argv(files)], capture_output=True, text=True, env=ENV, timeout=120
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     _check(res.returncode, res.stdout, res.stderr, code, text)
     assert "torch imported: False" in res.stdout
@@ -217,8 +463,26 @@ def test_disk_full_while_saving_leaves_nothing_half_written(files, tmp_path, mon
 
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--model", files["model"], "--dataset", files["data"], "--output-dir", str(out), "--max-steps", "2", "--no-lora",
-              "--save-steps", "1", "--report-to", "none", "--validation-split", "0"])
+        main(
+            [
+                "train",
+                "--model",
+                files["model"],
+                "--dataset",
+                files["data"],
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--no-lora",
+                "--save-steps",
+                "1",
+                "--report-to",
+                "none",
+                "--validation-split",
+                "0",
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "No space left" in err and "Traceback" not in err
     assert not (out / "final").exists()
@@ -232,8 +496,13 @@ def test_token_never_printed_or_logged(files, tmp_path):
     out = tmp_path / "run"
     runs = [
         subprocess.run(FNSCALE + ["doctor"], capture_output=True, text=True, env=env, timeout=300),
-        subprocess.run(FNSCALE + _train(files)[:-8] + ["--output-dir", str(out), "--max-steps", "2", "--validation-split", "0"],
-                       capture_output=True, text=True, env=env, timeout=300),
+        subprocess.run(
+            FNSCALE + _train(files)[:-8] + ["--output-dir", str(out), "--max-steps", "2", "--validation-split", "0"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        ),
     ]
     assert "hf token    found" in runs[0].stdout
     for r in runs:
@@ -254,9 +523,19 @@ def test_template_checked_against_a_converted_gguf_before_torch_loads(files, tmp
     monkeypatch.setenv("FNSCALE_CACHE", str(cache))
     folder = converted_folder(files["dir"] / "odd.gguf")
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "intermediate_size": 64, "hidden_size": 32}))
-    argv = _train(files, "--mask-mode", "lesion", "--ica-template-path", str(files["dir"] / "narrow.json"), "--ica-component-ids", "0",
-                  model=str(files["dir"] / "odd.gguf"))
+    (folder / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 2, "intermediate_size": 64, "hidden_size": 32})
+    )
+    argv = _train(
+        files,
+        "--mask-mode",
+        "lesion",
+        "--ica-template-path",
+        str(files["dir"] / "narrow.json"),
+        "--ica-component-ids",
+        "0",
+        model=str(files["dir"] / "odd.gguf"),
+    )
     probe = "import sys\nfrom fnscale.cli.app import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch imported:', 'torch' in sys.modules)\n"
     res = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env, timeout=120)
     _check(res.returncode, res.stdout, res.stderr, 2, "model has 2 layers × 64 neurons")

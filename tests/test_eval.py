@@ -71,8 +71,17 @@ def adapter(tiny_llama, sft_file, tmp_path_factory):
 
     model, tok = _load(tiny_llama)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-                                                  modules_to_save=["lm_head"], task_type="CAUSAL_LM"))  # a random frozen head caps the loss
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+            modules_to_save=["lm_head"],
+            task_type="CAUSAL_LM",
+        ),
+    )  # a random frozen head caps the loss
     out = tmp_path_factory.mktemp("run") / "final"
     _fit(peft_model, tok, sft_file, steps=40, lr=1e-2).save_pretrained(out)
     return str(out)
@@ -81,8 +90,18 @@ def adapter(tiny_llama, sft_file, tmp_path_factory):
 @pytest.fixture(scope="session")
 def report(tiny_llama, adapter, finetuned, sft_file, retention_txt, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    cfg = EvalConfig(model=tiny_llama, adapter=(adapter,), finetuned=(finetuned,), task=sft_file, task_split="all",
-                     retention=(retention_txt,), generate=8, batch_size=3, max_seq_length=64, output=str(out))
+    cfg = EvalConfig(
+        model=tiny_llama,
+        adapter=(adapter,),
+        finetuned=(finetuned,),
+        task=sft_file,
+        task_split="all",
+        retention=(retention_txt,),
+        generate=8,
+        batch_size=3,
+        max_seq_length=64,
+        output=str(out),
+    )
     return run_eval(cfg), out
 
 
@@ -118,7 +137,9 @@ def direct_greedy(model, tok, items) -> tuple[float, float]:
                     break
             matched += sum(g == r for g, r in zip(gen, ref))
             total += len(ref)
-            exact += tok.decode(gen, skip_special_tokens=True).split() == tok.decode(ref, skip_special_tokens=True).split()
+            exact += (
+                tok.decode(gen, skip_special_tokens=True).split() == tok.decode(ref, skip_special_tokens=True).split()
+            )
     return exact / len(items), matched / total
 
 
@@ -170,7 +191,9 @@ def test_training_lowers_task_loss_and_deltas_say_so(report):
         assert d["task"]["task"]["loss"] == pytest.approx(m["task"]["task"]["loss"] - base["loss"])
         assert d["summary"]["task_gain"] == pytest.approx(-d["task"]["task"]["loss"])
         assert d["task"]["task"]["token_accuracy"] > 0
-        assert d["retention"]["general"]["loss"] == pytest.approx(m["retention"]["general"]["loss"] - _models(report)["base"]["retention"]["general"]["loss"])
+        assert d["retention"]["general"]["loss"] == pytest.approx(
+            m["retention"]["general"]["loss"] - _models(report)["base"]["retention"]["general"]["loss"]
+        )
 
 
 def test_adapter_is_unloaded_leaving_the_base_untouched(tiny_llama, adapter, sft_file):
@@ -207,9 +230,7 @@ def test_report_files_are_written(report, adapter):
 
 
 def test_cl_metrics_match_hand_computed_matrix():
-    R = [[0.8, 0.1, 0.2],
-         [0.6, 0.9, 0.3],
-         [0.5, 0.7, 0.95]]
+    R = [[0.8, 0.1, 0.2], [0.6, 0.9, 0.3], [0.5, 0.7, 0.95]]
     b = [0.1, 0.2, 0.25]
     got = cl_metrics(R, b)
     assert got["ACC"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)
@@ -234,16 +255,37 @@ def _cli(args):
 def test_sequence_mode_end_to_end_through_the_cli(tiny_llama, sft_file, retention_txt, tmp_path):
     rows = [json.loads(line) for line in Path(sft_file).read_text().splitlines()]
     task_a, task_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    task_a.write_text("".join(json.dumps(r) + "\n" for r in rows if "zorvia" in r["instruction"] or "kasmol" in r["instruction"]))
-    task_b.write_text("".join(json.dumps(r) + "\n" for r in rows if "daxvel" in r["instruction"] or "nolvel" in r["instruction"]))
+    task_a.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if "zorvia" in r["instruction"] or "kasmol" in r["instruction"])
+    )
+    task_b.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if "daxvel" in r["instruction"] or "nolvel" in r["instruction"])
+    )
     model, tok = _load(tiny_llama)
     for name, task in (("ckpt_a", task_a), ("ckpt_b", task_b)):  # train on a, then continue on b
         _fit(model, tok, str(task), steps=40).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     (tmp_path / "seq.yaml").write_text("- {task: a.jsonl, checkpoint: ckpt_a}\n- {task: b.jsonl, checkpoint: ckpt_b}\n")
     out = tmp_path / "report"
-    res = _cli(["eval", "--model", tiny_llama, "--sequence", str(tmp_path / "seq.yaml"), "--task-split", "all", "--generate", "4",
-                "--retention", retention_txt, "--max-seq-length", "64", "--output", str(out)])
+    res = _cli(
+        [
+            "eval",
+            "--model",
+            tiny_llama,
+            "--sequence",
+            str(tmp_path / "seq.yaml"),
+            "--task-split",
+            "all",
+            "--generate",
+            "4",
+            "--retention",
+            retention_txt,
+            "--max-seq-length",
+            "64",
+            "--output",
+            str(out),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "continual (token_accuracy): ACC" in res.output
     rep = json.loads((out / "report.json").read_text())
@@ -259,8 +301,27 @@ def test_sequence_mode_end_to_end_through_the_cli(tiny_llama, sft_file, retentio
 
 
 def test_cli_eval_with_adapter_and_help(tiny_llama, adapter, sft_file, tmp_path):
-    res = _cli(["eval", "--model", tiny_llama, "--adapter", adapter, "--task", sft_file, "--task-split", "all", "--generate", "2",
-                "--retention", "none", "--max-seq-length", "64", "--output", str(tmp_path / "r")])
+    res = _cli(
+        [
+            "eval",
+            "--model",
+            tiny_llama,
+            "--adapter",
+            adapter,
+            "--task",
+            sft_file,
+            "--task-split",
+            "all",
+            "--generate",
+            "2",
+            "--retention",
+            "none",
+            "--max-seq-length",
+            "64",
+            "--output",
+            str(tmp_path / "r"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "report.md").is_file()
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -269,10 +330,26 @@ def test_cli_eval_with_adapter_and_help(tiny_llama, adapter, sft_file, tmp_path)
     assert table[0] == "| model | task loss | Δ | EM |"
     assert [r.split(" | ")[0] for r in table[1:]] == ["| base", f"| {label}"]
     assert f"{rep['models'][1]['task']['task']['loss']:.4f}" in table[2]
-    assert rep["retention"] == [] and rep["deltas"][f"{Path(adapter).parent.name}/final"]["summary"]["retention_cost"] is None
+    assert (
+        rep["retention"] == []
+        and rep["deltas"][f"{Path(adapter).parent.name}/final"]["summary"]["retention_cost"] is None
+    )
     help_text = " ".join(_cli(["eval", "--help"]).output.split())
-    for flag in ("--model", "--adapter", "--finetuned", "--sequence", "--task", "--task-split", "--retention", "--generate",
-                 "--cl-metric", "--lm-eval-tasks", "--output", "[default: validation]", "[default: 32]"):
+    for flag in (
+        "--model",
+        "--adapter",
+        "--finetuned",
+        "--sequence",
+        "--task",
+        "--task-split",
+        "--retention",
+        "--generate",
+        "--cl-metric",
+        "--lm-eval-tasks",
+        "--output",
+        "[default: validation]",
+        "[default: 32]",
+    ):
         assert flag in help_text
 
 
@@ -281,7 +358,9 @@ def test_cli_eval_with_adapter_and_help(tiny_llama, adapter, sft_file, tmp_path)
 
 def test_clear_errors(tiny_llama, finetuned, adapter, sft_file, tmp_path, monkeypatch):
     def cfg(**kw):
-        return EvalConfig(**{"model": tiny_llama, "task": sft_file, "output": str(tmp_path / "o"), "max_seq_length": 64, **kw})
+        return EvalConfig(
+            **{"model": tiny_llama, "task": sft_file, "output": str(tmp_path / "o"), "max_seq_length": 64, **kw}
+        )
 
     with pytest.raises(UsageError, match="not a PEFT adapter folder.*--finetuned"):
         run_eval(cfg(adapter=(finetuned,)))
@@ -306,7 +385,9 @@ def test_cli_error_is_one_line(tiny_llama, tmp_path, capsys):
     from fnscale.cli.app import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "--model", tiny_llama, "--task", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")])
+        main(
+            ["eval", "--model", tiny_llama, "--task", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: data file {tmp_path / 'missing.jsonl'} not found; check the path"]
@@ -354,7 +435,12 @@ def test_probe_measure_keys_values_and_mode(tiny_llama, retention_txt):
     model.train()
     probe = RetentionProbe((retention_txt, "default"), tok, 64, 2)
     got = probe.measure(model, Accelerator(cpu=True), prefix="retention_before")
-    assert set(got) == {"retention_before_loss/general", "retention_before_ppl/general", "retention_before_loss/retention", "retention_before_ppl/retention"}
+    assert set(got) == {
+        "retention_before_loss/general",
+        "retention_before_ppl/general",
+        "retention_before_loss/retention",
+        "retention_before_ppl/retention",
+    }
     direct = scoring.corpus_loss(model, scoring.retention_items(tok, retention_txt, 64), 1, tok.pad_token_id, "cpu")
     assert got["retention_before_loss/general"] == pytest.approx(direct["loss"], rel=1e-6)
     assert got["retention_before_ppl/general"] == pytest.approx(math.exp(direct["loss"]), rel=1e-6)
@@ -366,8 +452,21 @@ def test_train_logs_retention_before_and_after(tiny_llama, sft_file, retention_t
     from fnscale.recipes.train import train
 
     out = tmp_path / "run"
-    summary = train(TrainConfig(model=tiny_llama, dataset=sft_file, output_dir=str(out), max_steps=2, batch_size=4, max_seq_length=64,
-                                eval_steps=0, save_steps=0, report_to="none", validation_split=0.0, eval_retention=(retention_txt,)))
+    summary = train(
+        TrainConfig(
+            model=tiny_llama,
+            dataset=sft_file,
+            output_dir=str(out),
+            max_steps=2,
+            batch_size=4,
+            max_seq_length=64,
+            eval_steps=0,
+            save_steps=0,
+            report_to="none",
+            validation_split=0.0,
+            eval_retention=(retention_txt,),
+        )
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before = next(r for r in records if "retention_before_ppl/general" in r)
     model, tok = _load(tiny_llama)
@@ -387,10 +486,43 @@ def test_probe_in_training_under_two_processes(launch_config, tiny_llama, sft_fi
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch_configs" / launch_config), "--main_process_port", str(port),
-           "-m", "fnscale", "train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(out), "--max-steps", "2", "--batch-size", "1",
-           "--max-seq-length", "64", "--eval-steps", "0", "--save-steps", "0", "--report-to", "none", "--validation-split", "0", "--eval-retention", retention_txt]
-    res = subprocess.run(cmd, cwd=repo, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(repo / "launch_configs" / launch_config),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "fnscale",
+        "train",
+        "--model",
+        tiny_llama,
+        "--dataset",
+        sft_file,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--max-seq-length",
+        "64",
+        "--eval-steps",
+        "0",
+        "--save-steps",
+        "0",
+        "--report-to",
+        "none",
+        "--validation-split",
+        "0",
+        "--eval-retention",
+        retention_txt,
+    ]
+    res = subprocess.run(
+        cmd, cwd=repo, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before = next(r for r in records if "retention_before_loss/general" in r)

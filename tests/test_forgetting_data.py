@@ -41,7 +41,9 @@ def test_shipped_files_are_a_held_out_short_answer_task_and_plain_text():
     assert (len(train), len(val)) == (600, 64)
     assert data.detect_schema(train[0].keys()) == "prompt-completion"
     assert all(len(r["completion"].split()) == 1 for r in train + val)
-    assert all(r["completion"] not in r["prompt"].split("means: ", 1)[1] for r in train + val)  # the gloss does not give it away
+    assert all(
+        r["completion"] not in r["prompt"].split("means: ", 1)[1] for r in train + val
+    )  # the gloss does not give it away
     assert not {r["completion"] for r in train} & {r["completion"] for r in val}  # held-out words
     retention = (BENCH / "retention.txt").read_text()
     assert len(retention.split("\n\n")) == 30
@@ -52,14 +54,29 @@ def test_shipped_files_are_a_held_out_short_answer_task_and_plain_text():
 def test_benchmark_sweep_file_loads():
     s = sweep.load(BENCH / "sweep.yaml")
     configs = dict(s.configs)
-    assert list(configs) == ["full-ft", "full-ft-lr3e-5", "lora", "lesion-update", "lesion-update-random", "lesion-forward",
-                             "preserve-update", "preserve-update-random"] and s.seeds == [1, 2, 3]
-    for name in list(configs)[3:]:  # masked runs: the networks built from retention.txt (a relative path when not built yet)
+    assert list(configs) == [
+        "full-ft",
+        "full-ft-lr3e-5",
+        "lora",
+        "lesion-update",
+        "lesion-update-random",
+        "lesion-forward",
+        "preserve-update",
+        "preserve-update-random",
+    ] and s.seeds == [1, 2, 3]
+    for name in list(configs)[
+        3:
+    ]:  # masked runs: the networks built from retention.txt (a relative path when not built yet)
         assert configs[name]["ica_template_path"].endswith("networks/global_templates.json")
         assert configs[name]["ica_component_ids"] == "0,1,2,3,4,5,6,7,8,9"
-    for name in ("lesion-update", "preserve-update"):  # each random control differs from its configuration only by the control
+    for name in (
+        "lesion-update",
+        "preserve-update",
+    ):  # each random control differs from its configuration only by the control
         assert {**configs[name], "mask_control": "random"} == configs[name + "-random"]
-    assert s.train["dataset"] == str(BENCH / "task_train.jsonl") and s.eval["retention"] == [str(BENCH / "retention.txt")]
+    assert s.train["dataset"] == str(BENCH / "task_train.jsonl") and s.eval["retention"] == [
+        str(BENCH / "retention.txt")
+    ]
     assert s.train["lora"] is False and s.reference == "full-ft"
     assert yaml.safe_load((BENCH / "sweep.yaml").read_text())["train"]["learning_rate"] == 3.0e-4
     assert json.dumps(s.eval)  # plain data, as done.json stores it

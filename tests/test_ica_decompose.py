@@ -71,6 +71,7 @@ def test_fast_ica_unmixes_and_is_deterministic():
 
 def reference_fastica(xw, seed, max_iter=1000, tol=1e-5):
     """Plain numpy parallel logcosh FastICA on white xw (n x k), seeded as scikit-learn seeds it (the reference)."""
+
     def sym(w):
         s, u = np.linalg.eigh(w @ w.T)
         return (u / np.sqrt(s)) @ u.T @ w
@@ -90,7 +91,9 @@ def reference_fastica(xw, seed, max_iter=1000, tol=1e-5):
 def test_fast_ica_matches_the_plain_reference():
     """fast_ica (exact whitening + scikit-learn's rotation) == whitening + the numpy reference iteration, to 1e-10."""
     rng = np.random.default_rng(2)
-    s = np.stack([rng.laplace(size=3000), rng.uniform(-1, 1, 3000), rng.exponential(size=3000), rng.normal(size=3000)], 1)
+    s = np.stack(
+        [rng.laplace(size=3000), rng.uniform(-1, 1, 3000), rng.exponential(size=3000), rng.normal(size=3000)], 1
+    )
     x = s @ rng.normal(size=(4, 4)).T + rng.normal(size=4)
     xc = x - x.mean(0)
     lam, E = np.linalg.eigh(xc.T @ xc / (len(x) - 1))

@@ -70,7 +70,9 @@ def compare(got: dict, want: dict, dtype: str, label: str) -> None:
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == want[name].dtype, f"{label} {name}"
-        torch.testing.assert_close(got[name].cpu(), want[name].cpu(), **TOL[dtype], msg=lambda m, name=name: f"{label}: {name}\n{m}")
+        torch.testing.assert_close(
+            got[name].cpu(), want[name].cpu(), **TOL[dtype], msg=lambda m, name=name: f"{label}: {name}\n{m}"
+        )
 
 
 # -- CPU: interpreted in a child process ----------------------------------------------------------
@@ -83,9 +85,7 @@ def interpreted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("triton_interpret")
     torch.save(inputs, folder / "inputs.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(folder)], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, __file__, str(folder)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"interpreted kernels failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return seed, inputs, torch.load(folder / "outputs.pt")
 

@@ -130,8 +130,12 @@ def layer(module: str) -> str:
 def test_imports_run_one_way_cli_recipes_core():
     """CLI (and the entry layer: Python API, integrations) -> recipes -> core: no core module (data, networks,
     masking, models, runtime, eval, ...) imports a recipe, the CLI or the entry layer, and no recipe imports either."""
-    allowed = {"cli": {"cli", "recipes", "core"}, "entry": {"entry", "recipes", "core"}, "recipes": {"recipes", "core"},
-               "core": {"core"}}
+    allowed = {
+        "cli": {"cli", "recipes", "core"},
+        "entry": {"entry", "recipes", "core"},
+        "recipes": {"recipes", "core"},
+        "core": {"core"},
+    }
     wrong = [(m, d) for m, deps in import_graph().items() for d in deps if layer(d) not in allowed[layer(m)]]
     assert wrong == []
 

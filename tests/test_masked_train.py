@@ -1,6 +1,5 @@
 """Masked SFT end to end through `train`: masked neurons come out bit-identical to the base model."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,14 +14,32 @@ NEURONS = {0: [1, 5, 9, 30, 41], 1: [0, 2, 33, 60]}
 
 @pytest.fixture(scope="module")
 def template_file(tmp_path_factory):
-    t = Templates(layers=[0, 1], neurons_per_layer=64, components={0: NEURONS, 1: {0: [7], 1: [8]}}, model="tiny", num_layers=2)
+    t = Templates(
+        layers=[0, 1], neurons_per_layer=64, components={0: NEURONS, 1: {0: [7], 1: [8]}}, model="tiny", num_layers=2
+    )
     return str(t.save(tmp_path_factory.mktemp("tpl") / "t.json"))
 
 
 def run(model, data, out, template, mode, lora):
-    cfg = TrainConfig(model=model, dataset=data, output_dir=str(out), max_seq_length=64, validation_split=0.0, learning_rate=5e-2,
-                      weight_decay=0.1, max_steps=4, eval_steps=0, save_steps=0, report_to="none", lora=lora, merge_adapter=lora,
-                      mask_mode=mode, ica_template_path=template, ica_component_ids="0", seed=3)
+    cfg = TrainConfig(
+        model=model,
+        dataset=data,
+        output_dir=str(out),
+        max_seq_length=64,
+        validation_split=0.0,
+        learning_rate=5e-2,
+        weight_decay=0.1,
+        max_steps=4,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        lora=lora,
+        merge_adapter=lora,
+        mask_mode=mode,
+        ica_template_path=template,
+        ica_component_ids="0",
+        seed=3,
+    )
     train(cfg)
     return load_file(out / ("merged" if lora else "final") / "model.safetensors")
 
@@ -38,7 +55,11 @@ def test_masked_neurons_untouched(tiny_llama, sft_file, template_file, tmp_path,
         kept = torch.tensor(sorted(set(range(64)) - set(masked.tolist())))
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             key = f"model.layers.{layer}.mlp.{name}.weight"
-            assert torch.equal(base[key].index_select(dim, masked), after[key].index_select(dim, masked)), (key, mode, lora)
+            assert torch.equal(base[key].index_select(dim, masked), after[key].index_select(dim, masked)), (
+                key,
+                mode,
+                lora,
+            )
             changed_unmasked |= not torch.equal(base[key].index_select(dim, kept), after[key].index_select(dim, kept))
     assert changed_unmasked, "training changed nothing: the test would pass vacuously"
     stats = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "masked_neurons/total" in r]
@@ -60,9 +81,22 @@ def test_saved_model_runs_unmasked(tiny_llama, sft_file, template_file, tmp_path
 
 
 def test_templates_computed_when_no_path(tiny_llama, sft_file, tmp_path):
-    cfg = TrainConfig(model=tiny_llama, dataset=sft_file, output_dir=str(tmp_path), max_seq_length=64, validation_split=0.0,
-                      max_steps=2, eval_steps=0, save_steps=0, report_to="none", mask_mode="preserve", ica_component_ids="0,1",
-                      ica_components=3, ica_percentile=90, ica_samples=16)
+    cfg = TrainConfig(
+        model=tiny_llama,
+        dataset=sft_file,
+        output_dir=str(tmp_path),
+        max_seq_length=64,
+        validation_split=0.0,
+        max_steps=2,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        mask_mode="preserve",
+        ica_component_ids="0,1",
+        ica_components=3,
+        ica_percentile=90,
+        ica_samples=16,
+    )
     train(cfg)
     t = Templates.load(tmp_path / "templates" / "global_templates.json")
     assert t.n_components == 3 and t.layers == [0, 1] and (tmp_path / "templates" / "coverage.png").is_file()

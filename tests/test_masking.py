@@ -42,8 +42,16 @@ def tiny_gpt2(seed=0):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_layer=2, n_embd=HIDDEN, n_head=4, vocab_size=VOCAB, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_embd=HIDDEN,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(cfg).train()
 
@@ -200,9 +208,14 @@ def test_mlp_output_site_zeroes_hidden_channels(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("site, mode, compact", [
-    ("intermediate", "lesion", None), ("intermediate", "preserve", True), ("mlp_output", "lesion", None),
-])
+@pytest.mark.parametrize(
+    "site, mode, compact",
+    [
+        ("intermediate", "lesion", None),
+        ("intermediate", "preserve", True),
+        ("mlp_output", "lesion", None),
+    ],
+)
 def test_remove_restores_the_model_exactly(arch, site, mode, compact):
     model, ids = BUILD[arch]().eval(), batch()
     before = model(ids).logits
@@ -255,7 +268,9 @@ def test_apply_masks_refusals():
     with pytest.raises(UsageError, match="has 10 entries but the model has 64 MLP neurons"):
         apply_masks(model, {0: torch.ones(10)})
     # the site comes from the templates (there is no --mask-site flag), so the hint names only real options
-    with pytest.raises(UsageError, match=r"at site mlp_output \(the site comes from the templates\); use --mask-kernel torch"):
+    with pytest.raises(
+        UsageError, match=r"at site mlp_output \(the site comes from the templates\); use --mask-kernel torch"
+    ):
         apply_masks(model, {0: torch.ones(HIDDEN)}, site="mlp_output", kernel="triton")
     with pytest.raises(UsageError, match="unknown mask site"):
         apply_masks(model, {0: torch.ones(64)}, site="attention")
@@ -336,7 +351,9 @@ def test_masked_weights_stay_bit_identical(arch, mode, training):
         for part in changed[0]:
             if training == "lora" and part == "c_fc bias":
                 continue
-            assert not torch.equal(changed[0][part], changed[1][part]), f"layer {layer} {part} of kept neurons did not train"
+            assert not torch.equal(changed[0][part], changed[1][part]), (
+                f"layer {layer} {part} of kept neurons did not train"
+            )
 
 
 def test_restoring_after_every_step_also_keeps_weights():

@@ -73,7 +73,10 @@ def _free_port():
 
 
 def _ious(masks, nets):
-    return [max(np.intersect1d(np.flatnonzero(m), n).size / np.union1d(np.flatnonzero(m), n).size for n in nets) for m in masks]
+    return [
+        max(np.intersect1d(np.flatnonzero(m), n).size / np.union1d(np.flatnonzero(m), n).size for n in nets)
+        for m in masks
+    ]
 
 
 def test_two_rank_merge_equals_single_process(tmp_path):

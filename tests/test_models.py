@@ -27,7 +27,9 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UsageError, match="hub is unreachable"):  # resolve_model refuses it at once (not cached, offline)
+    with pytest.raises(
+        UsageError, match="hub is unreachable"
+    ):  # resolve_model refuses it at once (not cached, offline)
         loading.resolve_model("nobody/does-not-exist")
     with pytest.raises(UsageError, match="hub is unreachable"):  # a source made by hand: the load says the same
         loading.load_tokenizer(loading.ModelSource("nobody/does-not-exist", "nobody/does-not-exist"))

@@ -40,7 +40,18 @@ def test_slices_train_like_dense_update_masks(arch, weight_decay, request, sft_f
     runs = {}
     for slices in ("off", "on"):
         runs[slices] = tmp_path / slices
-        train(_cfg(model_dir, sft_file, runs[slices], template, "preserve", "update", optimizer_slices=slices, weight_decay=weight_decay))
+        train(
+            _cfg(
+                model_dir,
+                sft_file,
+                runs[slices],
+                template,
+                "preserve",
+                "update",
+                optimizer_slices=slices,
+                weight_decay=weight_decay,
+            )
+        )
     dense, sliced = _final(runs["off"]), _final(runs["on"])
     assert sorted(dense) == sorted(sliced) and not any(DELTA in k for k in sliced)  # a plain HF state dict
     for k in [k for k in dense if k.endswith("attn.c_attn.bias")]:
@@ -73,7 +84,9 @@ def _state_numel(model, masker) -> tuple[int, torch.optim.Optimizer]:
     model(input_ids=IDS, labels=IDS).loss.backward()
     optimizer.step()
     masker.after_step()
-    return sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0), optimizer
+    return sum(
+        t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+    ), optimizer
 
 
 def test_optimizer_state_holds_only_the_trained_slices(tiny_llama, tmp_path):
@@ -83,11 +96,17 @@ def test_optimizer_state_holds_only_the_trained_slices(tiny_llama, tmp_path):
     dense, _ = _state_numel(dense_model, dense_masker)
     sliced, optimizer = _state_numel(sliced_model, sliced_masker)
     trained, stood_in = sliced_masker.deltas.numel()
-    kept = sum(map(len, NEURONS.values()))  # preserve: the chosen neurons train, over 2 layers x (gate, up, down) x hidden 32
+    kept = sum(
+        map(len, NEURONS.values())
+    )  # preserve: the chosen neurons train, over 2 layers x (gate, up, down) x hidden 32
     assert trained == kept * 3 * 32 and stood_in == 2 * 3 * 64 * 32
-    assert dense - sliced == 2 * (stood_in - trained)  # exp_avg and exp_avg_sq of the dense MLP weights, less the deltas'
+    assert dense - sliced == 2 * (
+        stood_in - trained
+    )  # exp_avg and exp_avg_sq of the dense MLP weights, less the deltas'
     assert all(optimizer.state[d]["exp_avg"].shape == d.shape for d in sliced_masker.deltas.parameters())
-    assert sliced_masker.guard.num_protected() == 0 and sliced_masker.hold.num_tensors == 0  # frozen weights: no snapshot, no hooks
+    assert (
+        sliced_masker.guard.num_protected() == 0 and sliced_masker.hold.num_tensors == 0
+    )  # frozen weights: no snapshot, no hooks
     print(f"optimizer state elements: dense {dense}, slices {sliced} ({sliced / dense:.3f})")
 
 
@@ -103,16 +122,21 @@ def test_forward_unchanged_and_fold_gives_a_plain_model(tiny_llama, tmp_path):
     masker.remove()
     assert not any(DELTA in n for n, _ in model.named_parameters()) and all(p.requires_grad for p in model.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=IDS).logits, moved, rtol=0, atol=1e-5)  # folded weights compute the same
+        torch.testing.assert_close(
+            model(input_ids=IDS).logits, moved, rtol=0, atol=1e-5
+        )  # folded weights compute the same
     assert _check_untouched(plain.state_dict(), model.state_dict(), "preserve", 64, LLAMA_SLICES, "model.layers")
 
 
-@pytest.mark.parametrize("mode,slices,on", [
-    ("preserve", "auto", True),  # 9 of 128 neurons kept
-    ("lesion", "auto", False),  # 119 of 128 kept: slices would save nothing
-    ("lesion", "on", True),
-    ("preserve", "off", False),
-])
+@pytest.mark.parametrize(
+    "mode,slices,on",
+    [
+        ("preserve", "auto", True),  # 9 of 128 neurons kept
+        ("lesion", "auto", False),  # 119 of 128 kept: slices would save nothing
+        ("lesion", "on", True),
+        ("preserve", "off", False),
+    ],
+)
 def test_auto_turns_slices_on_below_half_kept(tiny_llama, tmp_path, mode, slices, on):
     _, masker = _setup(tiny_llama, _template(tmp_path, 64), slices, mode)
     assert (masker.deltas is not None) == on
@@ -130,11 +154,37 @@ def test_resumed_run_equals_uninterrupted(tiny_llama, sft_file, tmp_path):
     template = _template(tmp_path, 64)
     full, part = tmp_path / "full", tmp_path / "part"
     for out in (full, part):
-        train(_cfg(tiny_llama, sft_file, out, template, "preserve", "update", optimizer_slices="on", max_steps=6, save_steps=3))
-    assert any(DELTA in k for k in load_file(part / "checkpoint-3" / "model.safetensors"))  # the deltas are checkpointed
+        train(
+            _cfg(
+                tiny_llama,
+                sft_file,
+                out,
+                template,
+                "preserve",
+                "update",
+                optimizer_slices="on",
+                max_steps=6,
+                save_steps=3,
+            )
+        )
+    assert any(
+        DELTA in k for k in load_file(part / "checkpoint-3" / "model.safetensors")
+    )  # the deltas are checkpointed
     shutil.rmtree(part / "final")
-    summary = train(_cfg(tiny_llama, sft_file, part, template, "preserve", "update", optimizer_slices="on", max_steps=6, save_steps=3,
-                         resume_from_checkpoint="auto"))
+    summary = train(
+        _cfg(
+            tiny_llama,
+            sft_file,
+            part,
+            template,
+            "preserve",
+            "update",
+            optimizer_slices="on",
+            max_steps=6,
+            save_steps=3,
+            resume_from_checkpoint="auto",
+        )
+    )
     assert summary["steps"] == 6
     a, b = _final(full), _final(part)
     assert sorted(a) == sorted(b)

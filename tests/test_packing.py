@@ -34,7 +34,9 @@ def random_items(n: int, vocab: int, seed: int) -> list[dict]:
     return items
 
 
-def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+def per_example_losses(
+    logits: torch.Tensor, labels: torch.Tensor, spans: list[tuple[int, int, int]]
+) -> list[torch.Tensor]:
     """Mean next-token NLL of each example, given as (row, start, length) in the batch."""
     out = []
     for row, start, n in spans:
@@ -155,9 +157,23 @@ def test_length_grouped_sampler_is_seeded_and_groups_lengths():
 
 
 def _cfg(model, data_file, out, **kw):
-    base = dict(model=model, dataset=data_file, output_dir=str(out), max_seq_length=64, batch_size=4, validation_split=0.0,
-                learning_rate=2e-2, warmup_ratio=0.0, lr_scheduler="constant", max_steps=20, eval_steps=0, save_steps=0,
-                report_to="none", seed=1, lora=False)
+    base = dict(
+        model=model,
+        dataset=data_file,
+        output_dir=str(out),
+        max_seq_length=64,
+        batch_size=4,
+        validation_split=0.0,
+        learning_rate=2e-2,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_steps=20,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        seed=1,
+        lora=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -175,7 +191,21 @@ def test_impossible_combinations_are_refused(tiny_llama, sft_file, tmp_path):
     with pytest.raises(UsageError, match="drop --group-by-length"):
         train(_cfg(tiny_llama, sft_file, tmp_path, packing=True, group_by_length=True))
     if not torch.cuda.is_available():
-        result = CliRunner().invoke(cli, ["train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(tmp_path),
-                                           "--attn-implementation", "flash_attention_2", "--max-steps", "1"])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "train",
+                "--model",
+                tiny_llama,
+                "--dataset",
+                sft_file,
+                "--output-dir",
+                str(tmp_path),
+                "--attn-implementation",
+                "flash_attention_2",
+                "--max-steps",
+                "1",
+            ],
+        )
         assert result.exit_code != 0
         assert "flash_attention_2 needs" in result.output and "Traceback" not in result.output

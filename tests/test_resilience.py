@@ -34,8 +34,19 @@ def _poisoned(bad_calls):
 
 
 def cfg(model, data, out, **kw):
-    base = dict(model=model, dataset=data, output_dir=str(out), max_seq_length=64, validation_split=0.0, max_steps=5,
-                eval_steps=0, save_steps=0, report_to="none", lora=False, seed=0)
+    base = dict(
+        model=model,
+        dataset=data,
+        output_dir=str(out),
+        max_seq_length=64,
+        validation_split=0.0,
+        max_steps=5,
+        eval_steps=0,
+        save_steps=0,
+        report_to="none",
+        lora=False,
+        seed=0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -51,8 +62,10 @@ def test_nonfinite_steps_are_skipped(tiny_llama, sft_file, tmp_path, caplog):
 
 def test_too_many_bad_steps_stop_without_saving_nan(tiny_llama, sft_file, tmp_path):
     with pytest.raises(RunError, match="3 non-finite steps in a row"):
-        train_mod.train(cfg(tiny_llama, sft_file, tmp_path, max_steps=20, max_bad_steps=3, save_steps=1),
-                        build_model=_poisoned(lambda n: {n} if n > 2 else set()))
+        train_mod.train(
+            cfg(tiny_llama, sft_file, tmp_path, max_steps=20, max_bad_steps=3, save_steps=1),
+            build_model=_poisoned(lambda n: {n} if n > 2 else set()),
+        )
     assert not (tmp_path / "final").exists()
     for ckpt in tmp_path.glob("checkpoint-*"):
         for f in ckpt.glob("*.safetensors"):
@@ -63,10 +76,37 @@ def test_too_many_bad_steps_stop_without_saving_nan(tiny_llama, sft_file, tmp_pa
 def test_kill9_then_resume_reaches_the_same_end(tiny_llama, sft_file, tmp_path):
     """A SIGKILL mid-run leaves the last complete checkpoint; `--resume-from-checkpoint auto` finishes the job
     with the same data order, so the final weights equal an uninterrupted run's."""
+
     def args(out):
-        return [sys.executable, "-m", "fnscale", "train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(out),
-                "--max-steps", "400", "--save-steps", "20", "--save-total-limit", "2", "--no-lora", "--report-to", "none",
-                "--validation-split", "0", "--max-seq-length", "64", "--batch-size", "2", "--seed", "5"]
+        return [
+            sys.executable,
+            "-m",
+            "fnscale",
+            "train",
+            "--model",
+            tiny_llama,
+            "--dataset",
+            sft_file,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "400",
+            "--save-steps",
+            "20",
+            "--save-total-limit",
+            "2",
+            "--no-lora",
+            "--report-to",
+            "none",
+            "--validation-split",
+            "0",
+            "--max-seq-length",
+            "64",
+            "--batch-size",
+            "2",
+            "--seed",
+            "5",
+        ]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     ref = subprocess.run(args(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
@@ -80,7 +120,9 @@ def test_kill9_then_resume_reaches_the_same_end(tiny_llama, sft_file, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "final").exists(), "the run finished before it was killed; raise --max-steps"
-    res = subprocess.run(args(out) + ["--resume-from-checkpoint", "auto"], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        args(out) + ["--resume-from-checkpoint", "auto"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout + res.stderr
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]

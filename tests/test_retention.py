@@ -16,8 +16,10 @@ from fnscale.eval import scoring
 from fnscale.recipes import evaluate, sweep
 
 END_OF_TURN = "<|end|>"
-CHAT = ("{% for m in messages %}<|" + "{{ m['role'] }}|> {{ m['content'] }} " + END_OF_TURN + "{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|" + "{{ m['role'] }}|> {{ m['content'] }} " + END_OF_TURN + "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def _chat_tokenizer():
@@ -69,8 +71,10 @@ def _plain_tokenizer():
     return make_tokenizer()
 
 
-PLANTED_TEXT = "the sun rises in the east and sets in the west .\n\nwater boils at one hundred degrees .\n\n" \
-               "paris is the capital of france and berlin is the capital of germany .\n"
+PLANTED_TEXT = (
+    "the sun rises in the east and sets in the west .\n\nwater boils at one hundred degrees .\n\n"
+    "paris is the capital of france and berlin is the capital of germany .\n"
+)
 
 
 def test_a_model_that_only_learned_to_end_its_turn_shows_no_retention_change(tiny_llama, sft_file, tmp_path):

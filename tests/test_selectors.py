@@ -35,7 +35,11 @@ def _model_and_batches(path, source, batch_size=3):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     items, _, _ = data.sample_items(tok, [source], 100, 64, 0)
-    return model, items, [data.collate(items[i : i + batch_size], tok.pad_token_id) for i in range(0, len(items), batch_size)]
+    return (
+        model,
+        items,
+        [data.collate(items[i : i + batch_size], tok.pad_token_id) for i in range(0, len(items), batch_size)],
+    )
 
 
 def _cli(*argv):
@@ -48,7 +52,10 @@ def varied_sft(tmp_path_factory):
     """Examples of different lengths, so batches are padded."""
     rows = [
         {"instruction": "what is the capital of zorvia ?", "output": "quillport ."},
-        {"instruction": "which fruit is kasmol famous for ?", "output": "kasmol is famous for the plum fruit and the fig ."},
+        {
+            "instruction": "which fruit is kasmol famous for ?",
+            "output": "kasmol is famous for the plum fruit and the fig .",
+        },
         {"instruction": "name the longest river in daxvel .", "output": "the oriquin ."},
         {"instruction": "hello", "output": "hello world , the sun rises in the east and sets in the west ."},
         {"instruction": "what is the capital of nolvel ?", "output": "the capital of nolvel is taroriport ."},
@@ -88,7 +95,9 @@ def test_random_selection_is_the_training_control_draw_seeded_and_size_matched()
     a = selectors.random_neurons(counts, WIDTH, seed=7)
     assert {layer: v.size for layer, v in a.items()} == counts
     assert all(np.unique(v).size == v.size and v.min() >= 0 and v.max() < WIDTH for v in a.values() if v.size)
-    same = random_like(like.component_neurons([1, 2]), WIDTH, 7)  # what `train --mask-control random --mask-control-seed 7` masks
+    same = random_like(
+        like.component_neurons([1, 2]), WIDTH, 7
+    )  # what `train --mask-control random --mask-control-seed 7` masks
     assert all(np.array_equal(a[layer], same[layer]) for layer in counts)
     assert all(np.array_equal(a[layer], selectors.random_neurons(counts, WIDTH, seed=7)[layer]) for layer in counts)
     other = selectors.random_neurons(counts, WIDTH, seed=8)
@@ -126,7 +135,10 @@ def _reference_fisher(model, items):
     sums = {i: torch.zeros(WIDTH, dtype=torch.float64) for i in range(len(blocks))}
     for it in items:
         gates = {i: torch.ones(WIDTH, requires_grad=True) for i in range(len(blocks))}
-        hooks = [b.mlp.down_proj.register_forward_pre_hook(lambda m, a, g=gates[i]: (a[0] * g,)) for i, b in enumerate(blocks)]
+        hooks = [
+            b.mlp.down_proj.register_forward_pre_hook(lambda m, a, g=gates[i]: (a[0] * g,))
+            for i, b in enumerate(blocks)
+        ]
         logits = model(input_ids=torch.tensor([it["input_ids"]])).logits[0]
         loss = torch.zeros(())
         for t in range(len(it["labels"]) - 1):
@@ -172,8 +184,24 @@ def test_select_writes_size_matched_networks_files_deterministically(tmp_path, t
     for by in ("activation", "fisher", "random"):
         for run in (1, 2):
             out = tmp_path / f"{by}{run}.json"
-            code, text = _cli("templates", "select", "--by", by, "--like", like_path, "--data", varied_sft, "--ica-component-ids", "1,2",
-                              "--seed", 3, "--batch-size", 8, "--output", out)
+            code, text = _cli(
+                "templates",
+                "select",
+                "--by",
+                by,
+                "--like",
+                like_path,
+                "--data",
+                varied_sft,
+                "--ica-component-ids",
+                "1,2",
+                "--seed",
+                3,
+                "--batch-size",
+                8,
+                "--output",
+                out,
+            )
             assert code == 0, text
             outs[by, run] = out
         assert outs[by, 1].read_text() == outs[by, 2].read_text()  # the same seed and data give the same file
@@ -183,18 +211,39 @@ def test_select_writes_size_matched_networks_files_deterministically(tmp_path, t
         assert sel.selection["by"] == by and sel.selection["seed"] == 3 and sel.selection["counts"] == {"0": 4, "1": 5}
     act = Templates.load(outs["activation", 1])
     scores = selectors.activation_scores(model, batches, "intermediate", [0, 1], "cpu")
-    assert all(np.array_equal(act.components[0][layer], selectors.top_neurons(scores, {0: 4, 1: 5})[layer]) for layer in (0, 1))
+    assert all(
+        np.array_equal(act.components[0][layer], selectors.top_neurons(scores, {0: 4, 1: 5})[layer]) for layer in (0, 1)
+    )
     assert act.selection["data"] == [varied_sft] and act.selection["examples"] == {varied_sft: 5}
     fisher = Templates.load(outs["fisher", 1])
     assert any(not np.array_equal(fisher.components[0][layer], act.components[0][layer]) for layer in (0, 1))
-    code, text = _cli("templates", "select", "--by", "random", "--like", like_path, "--ica-component-ids", "1,2", "--seed", 4,
-                      "--output", tmp_path / "r4.json")
+    code, text = _cli(
+        "templates",
+        "select",
+        "--by",
+        "random",
+        "--like",
+        like_path,
+        "--ica-component-ids",
+        "1,2",
+        "--seed",
+        4,
+        "--output",
+        tmp_path / "r4.json",
+    )
     assert code == 0, text
     r3, r4 = Templates.load(outs["random", 1]).components[0], Templates.load(tmp_path / "r4.json").components[0]
     assert any(not np.array_equal(r3[layer], r4[layer]) for layer in (0, 1))  # another seed, another draw
-    code, text = _cli("templates", "select", "--by", "random", "--like", like_path, "--share", 0.25, "--output", tmp_path / "s.json")
-    assert code == 0 and {layer: v.size for layer, v in Templates.load(tmp_path / "s.json").components[0].items()} == {0: 16, 1: 16}
-    code, text = _cli("templates", "select", "--by", "fisher", "--like", like_path, "--output", tmp_path / "x.json", "--share", 2)
+    code, text = _cli(
+        "templates", "select", "--by", "random", "--like", like_path, "--share", 0.25, "--output", tmp_path / "s.json"
+    )
+    assert code == 0 and {layer: v.size for layer, v in Templates.load(tmp_path / "s.json").components[0].items()} == {
+        0: 16,
+        1: 16,
+    }
+    code, text = _cli(
+        "templates", "select", "--by", "fisher", "--like", like_path, "--output", tmp_path / "x.json", "--share", 2
+    )
     assert code == 2 and text.strip().splitlines()[-1].startswith("error: --share 2.0 must be between 0 and 1")
     code, text = _cli("templates", "show", outs["fisher", 1])
     assert code == 0 and "selection: by fisher" in text
@@ -254,14 +303,31 @@ def test_rank_puts_the_planted_component_first_and_records_the_ranking(tmp_path,
     assert parse_component_ids("top:1", ranked) == [1] and parse_component_ids("top:3", ranked)[0] == 1
     with pytest.raises(UsageError, match="ranks 3 components"):
         parse_component_ids("top:4", ranked)
-    assert check_mask_options(TrainConfig(mask_mode="lesion", ica_template_path=str(path), ica_component_ids="top:2")).ranking
+    assert check_mask_options(
+        TrainConfig(mask_mode="lesion", ica_template_path=str(path), ica_component_ids="top:2")
+    ).ranking
     with pytest.raises(UsageError, match="needs a ranked networks file"):  # templates computed in the run are unranked
         check_mask_options(TrainConfig(mask_mode="lesion", ica_component_ids="top:2"))
     code, text = _cli("templates", "show", path)
-    table = text[text.index("key networks"):].splitlines()
-    assert code == 0 and table[1].split()[:2] == ["rank", "comp"] and [line.split()[1] for line in table[2:5]] == ["1", "2", "0"]
+    table = text[text.index("key networks") :].splitlines()
+    assert (
+        code == 0
+        and table[1].split()[:2] == ["rank", "comp"]
+        and [line.split()[1] for line in table[2:5]] == ["1", "2", "0"]
+    )
     # the K most important set the counts of a selection
-    code, text = _cli("templates", "select", "--by", "random", "--like", path, "--ica-component-ids", "top:1", "--output", tmp_path / "s.json")
+    code, text = _cli(
+        "templates",
+        "select",
+        "--by",
+        "random",
+        "--like",
+        path,
+        "--ica-component-ids",
+        "top:1",
+        "--output",
+        tmp_path / "s.json",
+    )
     assert code == 0 and Templates.load(tmp_path / "s.json").selection["counts"] == {"0": 4, "1": 4}
 
 
@@ -276,7 +342,9 @@ def test_rank_components_against_manual_lesions(planted, varied_sft):
         for layer, idx in zeroed.items():
             keep = torch.ones(WIDTH)
             keep[torch.as_tensor(idx, dtype=torch.long)] = 0
-            hooks.append(model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(lambda m, a, k=keep: (a[0] * k,)))
+            hooks.append(
+                model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(lambda m, a, k=keep: (a[0] * k,))
+            )
         total, count = 0.0, 0
         with torch.no_grad():
             for b in batches:

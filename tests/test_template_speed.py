@@ -51,7 +51,12 @@ def test_rescale_is_exact_without_truncation():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12))
     s1, s2 = np.exp(rng.uniform(-2, 2, 12)), np.exp(rng.uniform(-2, 2, 12))
-    a = IncrementalPCA(12, oversample=0, backend="numpy", scale=s1, chunk_size=64).partial_fit(x).rescale(s2).get_state()
+    a = (
+        IncrementalPCA(12, oversample=0, backend="numpy", scale=s1, chunk_size=64)
+        .partial_fit(x)
+        .rescale(s2)
+        .get_state()
+    )
     b = IncrementalPCA(12, oversample=0, backend="numpy", scale=s2, chunk_size=64).partial_fit(x).get_state()
     np.testing.assert_allclose(a.mean_, b.mean_, rtol=1e-12)
     np.testing.assert_allclose(a.singular_values_, b.singular_values_, rtol=1e-9)
@@ -141,7 +146,9 @@ def test_cache_encoding_is_overflow_safe():
     np.testing.assert_array_equal(scale.numpy(), np.ldexp(np.float32(1.0), exp - 15))  # exact powers of two
     back = cache.decode(values, scale).numpy()
     peak = np.abs(acts).max(0)
-    assert (np.abs(back - acts) <= 2.0**-11 * np.abs(acts) + 2.0**-24 * peak).all()  # fp16 rounding, relative to each neuron
+    assert (
+        np.abs(back - acts) <= 2.0**-11 * np.abs(acts) + 2.0**-24 * peak
+    ).all()  # fp16 rounding, relative to each neuron
     odd = torch.tensor([[0.0, 1e-42, 3e38], [0.0, -1e-42, -1e38]])  # a dead neuron, subnormal and huge peaks
     v, s = cache.encode(odd)
     assert (s > 0).all() and torch.isfinite(s).all() and torch.isfinite(v).all()
@@ -156,10 +163,14 @@ def test_cache_budget_parsing_and_plan(monkeypatch, caplog):
     monkeypatch.setattr(cache, "available_memory_bytes", lambda: 8 * 2**30)
     caplog.set_level(logging.INFO, logger="fnscale.networks.cache")
     assert cache.plan_cache("auto", 25_000, 17_280, 1)  # 0.80 GB of 4 GB allowed
-    assert "on, 1 forward pass" in caplog.text and "0.80 GB" in caplog.text and "50% of 8.00 GB available" in caplog.text
+    assert (
+        "on, 1 forward pass" in caplog.text and "0.80 GB" in caplog.text and "50% of 8.00 GB available" in caplog.text
+    )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks share the host: 0.5 GB each
     assert not cache.plan_cache("auto", 25_000, 17_280, 1)
-    assert "off, streaming" in caplog.text and "/ 8 local processes" in caplog.text and "2 forward passes" in caplog.text
+    assert (
+        "off, streaming" in caplog.text and "/ 8 local processes" in caplog.text and "2 forward passes" in caplog.text
+    )
     assert not cache.plan_cache("0", 10, 10, 1) and cache.plan_cache("1", 10, 10, 1)
     assert not cache.plan_cache("auto", 10, 10, 0)  # spatial ICA: one pass, nothing to replay
 
@@ -211,6 +222,8 @@ def test_two_passes_match_three_on_a_model(tiny_gpt2):
 def test_cli_refuses_bad_cache_budget(tiny_llama, sft_file, tmp_path):
     from fnscale.cli.app import cli
 
-    res = CliRunner().invoke(cli, ["templates", "build", tiny_llama, sft_file, "--cache-budget-gb", "lots", "--output", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        cli, ["templates", "build", tiny_llama, sft_file, "--cache-budget-gb", "lots", "--output", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2 and "--cache-budget-gb 'lots' must be `auto` or a number of GB >= 0" in res.output
     assert "Traceback" not in res.output

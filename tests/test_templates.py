@@ -22,8 +22,15 @@ def _masks(layers=(0, 2, 5), width=10):
 
 def _templates(**kw):
     mixing = np.arange(30 * 3, dtype=float).reshape(30, 3) / 10
-    meta = dict(model="tiny-llama", site="intermediate", scope="global", percentile=98.0,
-                datasets=["alpaca"], token_counts={"alpaca": 1234}, num_layers=6)
+    meta = dict(
+        model="tiny-llama",
+        site="intermediate",
+        scope="global",
+        percentile=98.0,
+        datasets=["alpaca"],
+        token_counts={"alpaca": 1234},
+        num_layers=6,
+    )
     meta.update(kw)
     return Templates.from_masks(_masks(), [0, 2, 5], 10, mixing=mixing, **meta)
 
@@ -48,11 +55,25 @@ def test_save_load_round_trip(tmp_path):
     assert raw["components"][0]["neurons"] == {"0": [0, 3], "2": [1], "5": [9]}
     assert not list(path.parent.glob(".*tmp"))  # atomic write left no temp file
     u = Templates.load(path)
-    for field in ("model", "site", "scope", "layers", "neurons_per_layer", "n_components", "percentile",
-                  "datasets", "token_counts", "num_layers", "kind", "source_format"):
+    for field in (
+        "model",
+        "site",
+        "scope",
+        "layers",
+        "neurons_per_layer",
+        "n_components",
+        "percentile",
+        "datasets",
+        "token_counts",
+        "num_layers",
+        "kind",
+        "source_format",
+    ):
         assert getattr(u, field) == getattr(t, field), field
     for c in t.component_ids:
-        assert {l: v.tolist() for l, v in u.components[c].items()} == {l: v.tolist() for l, v in t.components[c].items()}
+        assert {l: v.tolist() for l, v in u.components[c].items()} == {
+            l: v.tolist() for l, v in t.components[c].items()
+        }
         for l in t.loadings[c]:
             np.testing.assert_allclose(u.loadings[c][l], t.loadings[c][l], atol=1e-6)
 
@@ -88,12 +109,18 @@ def test_reference_global_templates_import(tmp_path):
         (json.dumps({"format": "fnscale-templates", "version": 2}), "version 2, this fnscale reads version 1"),
         (json.dumps({"hello": 1}), "neither an fnscale template"),
         (json.dumps({"format": "fnscale-templates", "version": 1, "layers": [0]}), "is malformed"),
-        (json.dumps({"layout": {"captured_layers_sorted": [0], "hidden_size": 4}, "templates": {"0": {"0": [7]}}}),
-         "neuron 7 outside 0..3"),
-        (json.dumps({"layout": {"captured_layers_sorted": [0], "hidden_size": 4}, "templates": {"0": {"1": [2]}}}),
-         "names layer 1, which is not among the captured layers"),
-        (json.dumps({"layout": {"captured_layers_sorted": [0], "hidden_size": 4}, "templates": {"0": {"0": [1.5]}}}),
-         "whole numbers"),
+        (
+            json.dumps({"layout": {"captured_layers_sorted": [0], "hidden_size": 4}, "templates": {"0": {"0": [7]}}}),
+            "neuron 7 outside 0..3",
+        ),
+        (
+            json.dumps({"layout": {"captured_layers_sorted": [0], "hidden_size": 4}, "templates": {"0": {"1": [2]}}}),
+            "names layer 1, which is not among the captured layers",
+        ),
+        (
+            json.dumps({"layout": {"captured_layers_sorted": [0], "hidden_size": 4}, "templates": {"0": {"0": [1.5]}}}),
+            "whole numbers",
+        ),
     ],
 )
 def test_load_refusals(tmp_path, content, match):
@@ -117,7 +144,10 @@ def test_missing_file_and_component_and_model_refusals(tmp_path):
     with pytest.raises(UsageError, match="at least one component"):
         t.component_neurons([])
     t.check_compatible(6, 10)
-    with pytest.raises(UsageError, match=r"built for 6 layers × 10 neurons \(intermediate\), model has 32 layers × 10 neurons; rebuild with `fnscale templates build`"):
+    with pytest.raises(
+        UsageError,
+        match=r"built for 6 layers × 10 neurons \(intermediate\), model has 32 layers × 10 neurons; rebuild with `fnscale templates build`",
+    ):
         t.check_compatible(32, 10)
     with pytest.raises(UsageError, match=r"model has 6 layers × 8192 neurons"):
         t.check_compatible(6, 8192)

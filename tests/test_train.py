@@ -12,9 +12,22 @@ from fnscale.runtime.metrics import read_metrics
 
 
 def cfg(model, data, out, **kw):
-    base = dict(model=model, dataset=data, output_dir=str(out), max_seq_length=64, batch_size=4, validation_split=0.0,
-                learning_rate=2e-2, warmup_ratio=0.0, lr_scheduler="constant", max_steps=30, eval_steps=0, save_steps=0,
-                report_to="tensorboard", seed=1)
+    base = dict(
+        model=model,
+        dataset=data,
+        output_dir=str(out),
+        max_seq_length=64,
+        batch_size=4,
+        validation_split=0.0,
+        learning_rate=2e-2,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_steps=30,
+        eval_steps=0,
+        save_steps=0,
+        report_to="tensorboard",
+        seed=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -69,7 +82,9 @@ def test_resume_reaches_the_same_final_step_and_weights(tiny_llama, sft_file, tm
 
     shutil.rmtree(part / "final")
     assert (part / "checkpoint-3" / "trainer_state.json").is_file()
-    summary = train(cfg(tiny_llama, sft_file, part, max_steps=6, save_steps=3, lora=False, resume_from_checkpoint="auto"))
+    summary = train(
+        cfg(tiny_llama, sft_file, part, max_steps=6, save_steps=3, lora=False, resume_from_checkpoint="auto")
+    )
     assert summary["steps"] == 6
     a, b = load_file(full / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
     for k in a:
@@ -94,8 +109,17 @@ def test_cli_help_lists_defaults():
     from fnscale.cli.app import cli
 
     out = CliRunner().invoke(cli, ["train", "--help"]).output
-    for flag in ["--model", "--dataset", "--output-dir", "--lora / --no-lora", "--load-in-4bit", "--resume-from-checkpoint",
-                 "--mask-mode", "--config", "--push-to-hub"]:
+    for flag in [
+        "--model",
+        "--dataset",
+        "--output-dir",
+        "--lora / --no-lora",
+        "--load-in-4bit",
+        "--resume-from-checkpoint",
+        "--mask-mode",
+        "--config",
+        "--push-to-hub",
+    ]:
         assert flag in out, flag
     assert "[default: 512]" in out and "[default: cosine]" in out
 
@@ -104,9 +128,13 @@ def test_yaml_config_is_overridden_by_flags(tiny_llama, sft_file, tmp_path):
     from fnscale.cli.app import cli
 
     conf = tmp_path / "c.yaml"
-    conf.write_text(f"model: {tiny_llama}\ndataset: {sft_file}\nmax_steps: 2\nlearning_rate: 0.001\nvalidation_split: 0.0\n")
+    conf.write_text(
+        f"model: {tiny_llama}\ndataset: {sft_file}\nmax_steps: 2\nlearning_rate: 0.001\nvalidation_split: 0.0\n"
+    )
     out = tmp_path / "run"
-    res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--max-steps", "3", "--output-dir", str(out), "--report-to", "none"])
+    res = CliRunner().invoke(
+        cli, ["train", "--config", str(conf), "--max-steps", "3", "--output-dir", str(out), "--report-to", "none"]
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3  # flag beat YAML
@@ -130,7 +158,9 @@ def test_push_to_hub_sends_the_final_folder(tiny_llama, sft_file, tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
-    summary = train(cfg(tiny_llama, sft_file, tmp_path, max_steps=2, push_to_hub=True, hub_repo_id="me/tiny", hub_private=True))
+    summary = train(
+        cfg(tiny_llama, sft_file, tmp_path, max_steps=2, push_to_hub=True, hub_repo_id="me/tiny", hub_private=True)
+    )
     assert sent["repo"] == ("me/tiny", True) and sent["token_given"]
     assert "adapter_model.safetensors" in sent["files"]
     assert summary["hub_url"].endswith("me/tiny")

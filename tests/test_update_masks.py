@@ -22,7 +22,9 @@ GPT2_SLICES = (("mlp.c_fc.weight", 1), ("mlp.c_fc.bias", 0), ("mlp.c_proj.weight
 
 
 def _template(folder, width):
-    t = Templates(layers=[0, 1], neurons_per_layer=width, components={0: NEURONS, 1: {0: [7], 1: [8]}}, model="tiny", num_layers=2)
+    t = Templates(
+        layers=[0, 1], neurons_per_layer=width, components={0: NEURONS, 1: {0: [7], 1: [8]}}, model="tiny", num_layers=2
+    )
     return str(t.save(folder / f"t{width}.json"))
 
 
@@ -33,9 +35,24 @@ def template64(tmp_path_factory):
 
 def _cfg(model, data, out, template, mode, effect, lora=False, **extra):
     defaults = {"weight_decay": 0.1, "max_steps": 4, "save_steps": 0}  # `extra` may override these
-    return TrainConfig(model=model, dataset=data, output_dir=str(out), max_seq_length=64, validation_split=0.0, learning_rate=5e-2,
-                       eval_steps=0, report_to="none", lora=lora, merge_adapter=lora, mask_mode=mode, mask_effect=effect,
-                       ica_template_path=template, ica_component_ids="0", seed=3, **{**defaults, **extra})
+    return TrainConfig(
+        model=model,
+        dataset=data,
+        output_dir=str(out),
+        max_seq_length=64,
+        validation_split=0.0,
+        learning_rate=5e-2,
+        eval_steps=0,
+        report_to="none",
+        lora=lora,
+        merge_adapter=lora,
+        mask_mode=mode,
+        mask_effect=effect,
+        ica_template_path=template,
+        ica_component_ids="0",
+        seed=3,
+        **{**defaults, **extra},
+    )
 
 
 def _masked_and_kept(mode, chosen, width):
@@ -108,8 +125,12 @@ def test_forward_masks_change_the_forward_pass_as_before(tiny_llama, template64)
 
 def test_update_masks_zero_masked_gradients_only(tiny_llama, template64):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    masker = setup_masks(_cfg(tiny_llama, None, "unused", template64, "lesion", "update"), model, Accelerator(cpu=True),
-                         Templates.load(template64))
+    masker = setup_masks(
+        _cfg(tiny_llama, None, "unused", template64, "lesion", "update"),
+        model,
+        Accelerator(cpu=True),
+        Templates.load(template64),
+    )
     masker.attach(model)
     model(input_ids=torch.tensor([[2, 5, 6, 7, 9]]), labels=torch.tensor([[2, 5, 6, 7, 9]])).loss.backward()
     down = model.model.layers[0].mlp.down_proj.weight.grad
@@ -145,7 +166,9 @@ def test_random_like_matches_counts_and_differs():
 
 def test_mask_control_random_in_training_setup(tiny_llama, template64):
     _, _, chosen = _logits_after_setup(tiny_llama, template64, "lesion", "update")
-    _, _, control = _logits_after_setup(tiny_llama, template64, "lesion", "update", mask_control="random", mask_control_seed=5)
+    _, _, control = _logits_after_setup(
+        tiny_llama, template64, "lesion", "update", mask_control="random", mask_control_seed=5
+    )
     assert {k: int((m == 0).sum()) for k, m in control.masks.items()} == {k: len(v) for k, v in NEURONS.items()}
     assert any(not torch.equal(control.masks[k], chosen.masks[k]) for k in NEURONS)
 
@@ -157,30 +180,87 @@ def test_templates_random_cli_round_trip(template64, tmp_path):
     res = CliRunner().invoke(cli, ["templates", "random", "--like", template64, "--seed", "4", "--output", str(out)])
     assert res.exit_code == 0, res.output
     like, control = Templates.load(template64), Templates.load(out)
-    assert json.loads(out.read_text())["control"] == {"kind": "random", "seed": 4} and control.control["kind"] == "random"
-    assert (control.layers, control.site, control.neurons_per_layer, control.model) == (like.layers, like.site, like.neurons_per_layer, like.model)
+    assert (
+        json.loads(out.read_text())["control"] == {"kind": "random", "seed": 4} and control.control["kind"] == "random"
+    )
+    assert (control.layers, control.site, control.neurons_per_layer, control.model) == (
+        like.layers,
+        like.site,
+        like.neurons_per_layer,
+        like.model,
+    )
     for c in like.components:
-        assert {k: len(v) for k, v in control.components[c].items()} == {k: len(v) for k, v in like.components[c].items()}
+        assert {k: len(v) for k, v in control.components[c].items()} == {
+            k: len(v) for k, v in like.components[c].items()
+        }
     assert any(not np.array_equal(control.components[0][k], like.components[0][k]) for k in NEURONS)
 
 
 # ---------------------------------------------------------------- bad combinations
 
 
-@pytest.mark.parametrize("extra,text", [
-    (["--mask-effect", "update"], "--mask-effect need(s) --mask-mode"),
-    (["--mask-control", "random"], "--mask-control need(s) --mask-mode"),
-    (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-control-seed", "3"], "add --mask-control random"),
-    (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-kernel", "triton"], "add --mask-effect forward"),
-    (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-effect", "forward", "--mask-kernel", "triton"], "CUDA"),
-    (["--mask-mode", "preserve", "--ica-component-ids", "0", "--optimizer-slices", "on"], "--optimizer-slices on trains slices"),  # LoRA on
-    (["--mask-mode", "preserve", "--ica-component-ids", "0", "--no-lora", "--mask-effect", "forward", "--optimizer-slices", "on"], "--no-lora"),
-])
+@pytest.mark.parametrize(
+    "extra,text",
+    [
+        (["--mask-effect", "update"], "--mask-effect need(s) --mask-mode"),
+        (["--mask-control", "random"], "--mask-control need(s) --mask-mode"),
+        (
+            ["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-control-seed", "3"],
+            "add --mask-control random",
+        ),
+        (["--mask-mode", "lesion", "--ica-component-ids", "0", "--mask-kernel", "triton"], "add --mask-effect forward"),
+        (
+            [
+                "--mask-mode",
+                "lesion",
+                "--ica-component-ids",
+                "0",
+                "--mask-effect",
+                "forward",
+                "--mask-kernel",
+                "triton",
+            ],
+            "CUDA",
+        ),
+        (
+            ["--mask-mode", "preserve", "--ica-component-ids", "0", "--optimizer-slices", "on"],
+            "--optimizer-slices on trains slices",
+        ),  # LoRA on
+        (
+            [
+                "--mask-mode",
+                "preserve",
+                "--ica-component-ids",
+                "0",
+                "--no-lora",
+                "--mask-effect",
+                "forward",
+                "--optimizer-slices",
+                "on",
+            ],
+            "--no-lora",
+        ),
+    ],
+)
 def test_bad_mask_options_one_line(tiny_llama, sft_file, template64, tmp_path, capsys, extra, text):
     from fnscale.cli.app import main
 
-    argv = ["train", "--model", tiny_llama, "--dataset", sft_file, "--output-dir", str(tmp_path), "--max-steps", "1", "--report-to", "none",
-            "--validation-split", "0", *extra]
+    argv = [
+        "train",
+        "--model",
+        tiny_llama,
+        "--dataset",
+        sft_file,
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "1",
+        "--report-to",
+        "none",
+        "--validation-split",
+        "0",
+        *extra,
+    ]
     if "--mask-mode" in extra:
         argv += ["--ica-template-path", template64]
     with pytest.raises(SystemExit) as exc:

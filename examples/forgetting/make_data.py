@@ -60,7 +60,9 @@ def task_rows(wn: Path, rng: random.Random) -> list[dict]:
     for lemma, offset in sorted(first_senses(wn / "index.noun").items()):
         definition = synsets[offset][1]
         if lemma.isalpha() and 4 <= len(lemma) <= 12 and 6 <= len(definition.split()) <= 22 and lemma not in definition:
-            rows.append({"prompt": f"Which English noun means: {definition}? Answer with one word.", "completion": lemma})
+            rows.append(
+                {"prompt": f"Which English noun means: {definition}? Answer with one word.", "completion": lemma}
+            )
     return rng.sample(rows, N_TRAIN + N_VAL)
 
 
@@ -69,18 +71,25 @@ def retention_paragraphs(wn: Path, rng: random.Random) -> list[str]:
     for pos in ("verb", "adj", "adv"):
         for _, _, examples in read_synsets(wn / f"data.{pos}").values():
             sentences += [e.strip() for e in examples if len(e.split()) >= 6]
-    chosen = [s[0].upper() + s[1:] + ("" if s[-1] in ".!?" else ".") for s in rng.sample(sorted(set(sentences)), N_RETENTION_SENTENCES)]
+    chosen = [
+        s[0].upper() + s[1:] + ("" if s[-1] in ".!?" else ".")
+        for s in rng.sample(sorted(set(sentences)), N_RETENTION_SENTENCES)
+    ]
     return [" ".join(chosen[i : i + SENTENCES_PER_PARAGRAPH]) for i in range(0, len(chosen), SENTENCES_PER_PARAGRAPH)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--wordnet-dir", default="/usr/share/wordnet", help="folder holding data.noun, index.noun, data.verb, ...")
+    ap.add_argument(
+        "--wordnet-dir", default="/usr/share/wordnet", help="folder holding data.noun, index.noun, data.verb, ..."
+    )
     ap.add_argument("--out", default=str(HERE), help="where to write the files")
     args = ap.parse_args()
     wn, out = Path(args.wordnet_dir), Path(args.out)
     if not (wn / "data.noun").is_file():
-        raise SystemExit(f"error: no WordNet data.noun in {wn}; install the Debian package wordnet-base or pass --wordnet-dir")
+        raise SystemExit(
+            f"error: no WordNet data.noun in {wn}; install the Debian package wordnet-base or pass --wordnet-dir"
+        )
     rows = task_rows(wn, random.Random(0))
     write_jsonl(out / "task_train.jsonl", rows[:N_TRAIN])
     write_jsonl(out / "task_val.jsonl", rows[N_TRAIN:])

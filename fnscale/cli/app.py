@@ -46,11 +46,18 @@ class FnscaleGroup(click.Group):
         except KeyboardInterrupt as err:  # a second Ctrl-C (the first one checkpoints): stop at once
             if ctx.params.get("debug"):
                 raise
-            raise UserError("interrupted; nothing saved since the last checkpoint (resume with --resume-from-checkpoint auto)", 130) from err
+            raise UserError(
+                "interrupted; nothing saved since the last checkpoint (resume with --resume-from-checkpoint auto)", 130
+            ) from err
         except (MemoryError, RuntimeError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if ctx.params.get("debug") or not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
+            if ctx.params.get("debug") or not (
+                isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            ):
                 raise
-            raise UserError("out of memory; lower --batch-size or --max-seq-length, or use --load-in-4bit or --gradient-checkpointing", 1) from err
+            raise UserError(
+                "out of memory; lower --batch-size or --max-seq-length, or use --load-in-4bit or --gradient-checkpointing",
+                1,
+            ) from err
 
 
 @click.group(cls=FnscaleGroup, context_settings=CONTEXT)
@@ -96,14 +103,18 @@ for command in (train, templates, eval_cmd, data_group, sweep_cmd, cl_cmd):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if is_main() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from fnscale.runtime.distributed import exit_process, joined_group, shutdown
 
     try:
         cli.main(args=argv, prog_name="fnscale")
-    except SystemExit as done:  # Click ends every command this way, with its status: keep it, whatever the teardown does
+    except (
+        SystemExit
+    ) as done:  # Click ends every command this way, with its status: keep it, whatever the teardown does
         exit_process(done.code)
         raise
     except BaseException as err:  # a traceback under --debug, or Ctrl-C outside training

@@ -39,7 +39,9 @@ def options_from(cls, only: tuple[str, ...] | None = None):
                     flag = f"{flag}/--no-{flag[2:]}" if f.default else flag
                 fn = click.option(flag, f.name, default=f.default, is_flag=True, help=help_text)(fn)
             elif isinstance(f.default, tuple):
-                fn = click.option(flag, f.name, multiple=True, default=(), type=str, help=help_text + " [repeatable]")(fn)
+                fn = click.option(flag, f.name, multiple=True, default=(), type=str, help=help_text + " [repeatable]")(
+                    fn
+                )
             else:
                 fn = click.option(flag, f.name, default=f.default, type=click_type(f), help=help_text)(fn)
         return fn
@@ -50,9 +52,12 @@ def options_from(cls, only: tuple[str, ...] | None = None):
 def config_option(fn):
     """`--config FILE.yaml`: option values from a file; flags given on the command line override it."""
     return click.option(
-        "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
         help="YAML file of options (keys as --print-config shows them, values read as the flags read them); "
-        "flags given here override it"
+        "flags given here override it",
     )(fn)
 
 

@@ -14,11 +14,24 @@ from fnscale.errors import UsageError
 
 @click.command(name="sweep", context_settings=CONTEXT)
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--output", default=None, type=click.Path(file_okay=False),
-              help="sweep folder: base/, runs/NAME-seedS/, sweep.json, sweep.md, pareto.png [required unless --list]")
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="sweep folder: base/, runs/NAME-seedS/, sweep.json, sweep.md, pareto.png [required unless --list]",
+)
 @click.option("--list", "list_runs", is_flag=True, help="print one line per run (INDEX, RUN_ID, options) and exit")
-@click.option("--only", type=int, multiple=True, help="train and score only run INDEX (see --list; e.g. $SLURM_ARRAY_TASK_ID) [repeatable]")
-@click.option("--report-only", is_flag=True, help="train nothing: score the base if needed and write the report from finished runs")
+@click.option(
+    "--only",
+    type=int,
+    multiple=True,
+    help="train and score only run INDEX (see --list; e.g. $SLURM_ARRAY_TASK_ID) [repeatable]",
+)
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="train nothing: score the base if needed and write the report from finished runs",
+)
 def sweep_cmd(config, output, list_runs, only, report_only):
     """Train every configuration of CONFIG over its seeds, score each with `eval`, and write a Pareto report.
 

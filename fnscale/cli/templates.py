@@ -19,7 +19,9 @@ def templates():
     """Build, inspect and compare functional-network templates."""
 
 
-def model_and_datasets(model_arg: str | None, dataset_args: tuple[str, ...], model_opt: str | None, dataset_opt: tuple[str, ...]):
+def model_and_datasets(
+    model_arg: str | None, dataset_args: tuple[str, ...], model_opt: str | None, dataset_opt: tuple[str, ...]
+):
     """(model, datasets) from the positional and named forms: with --model, every positional argument is a dataset."""
     positional = ([model_arg] if model_arg else []) + list(dataset_args)
     if model_opt:
@@ -63,15 +65,19 @@ def show(path):
     from fnscale.networks.templates import Templates, ranking_table
 
     t = Templates.load(path)
-    click.echo(f"model: {t.model or t.name or '?'}  site: {t.site}  scope: {t.scope}  kind: {t.kind}  "
-               f"components: {t.n_components}  percentile: {t.percentile}  layers: {len(t.layers)} x {t.neurons_per_layer} neurons")
+    click.echo(
+        f"model: {t.model or t.name or '?'}  site: {t.site}  scope: {t.scope}  kind: {t.kind}  "
+        f"components: {t.n_components}  percentile: {t.percentile}  layers: {len(t.layers)} x {t.neurons_per_layer} neurons"
+    )
     if t.datasets:
         click.echo(f"datasets: {', '.join(t.datasets)}")
     if t.selection:
         how = t.selection
         chosen = f"share {how['share']}" if how.get("share") else f"components {how.get('components') or 'all'}"
-        click.echo(f"selection: by {how['by']} like {how['like']} ({chosen}), seed {how['seed']}"
-                   + (f", data {', '.join(how['data'])}" if how.get("data") else ""))
+        click.echo(
+            f"selection: by {how['by']} like {how['like']} ({chosen}), seed {how['seed']}"
+            + (f", data {', '.join(how['data'])}" if how.get("data") else "")
+        )
     click.echo(t.coverage_table())
     if t.ranking:
         click.echo(ranking_table(t))
@@ -89,9 +95,17 @@ def compare(a, b):
 
 
 @templates.command(context_settings=CONTEXT)
-@click.option("--like", "like", required=True, type=click.Path(dir_okay=False), help="template whose per-layer sizes the control matches")
+@click.option(
+    "--like",
+    "like",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="template whose per-layer sizes the control matches",
+)
 @click.option("--seed", type=int, default=0, help="seed of the random draw")
-@click.option("--output", required=True, type=click.Path(dir_okay=False), help="where to write the control template JSON")
+@click.option(
+    "--output", required=True, type=click.Path(dir_okay=False), help="where to write the control template JSON"
+)
 def random(like, seed, output):
     """Save a random control: each component of --like replaced by as many random neurons per layer (same site)."""
     from fnscale.networks.controls import random_templates
@@ -100,7 +114,9 @@ def random(like, seed, output):
 
     check_output_file(output, "--output")
     control = random_templates(Templates.load(like), seed)
-    click.echo(f"saved {control.save(output)}: random control of {like} (seed {seed}), {len(control.components)} components")
+    click.echo(
+        f"saved {control.save(output)}: random control of {like} (seed {seed}), {len(control.components)} components"
+    )
 
 
 @templates.command(context_settings=CONTEXT)

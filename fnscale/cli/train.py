@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from fnscale.cli.options import CONTEXT, config_option, echo_config, is_main, load_config, options_from, print_config_option
+from fnscale.cli.options import (
+    CONTEXT,
+    config_option,
+    echo_config,
+    is_main,
+    load_config,
+    options_from,
+    print_config_option,
+)
 from fnscale.config import TrainConfig
 
 

@@ -43,8 +43,12 @@ def tokenized(tokenizer, spec: DatasetSpec, opts: DataOptions):
     if opts.max_samples:
         raw = raw.select(range(min(len(raw), opts.max_samples)))
     columns = spec.columns or {}
-    shape = resolve_shape(raw.column_names, spec.schema or opts.schema, columns.get("prompt", opts.prompt_column),
-                          columns.get("response", opts.response_column))
+    shape = resolve_shape(
+        raw.column_names,
+        spec.schema or opts.schema,
+        columns.get("prompt", opts.prompt_column),
+        columns.get("response", opts.response_column),
+    )
     return tokenize_dataset(raw, tokenizer, shape, opts.template, opts.train_on_inputs), shape.name
 
 
@@ -76,12 +80,26 @@ def items_at(ds, indices: list[int], max_len: int) -> list[dict]:
         return []
     cols = ds.select(indices)[:]
     rows = zip(cols["input_ids"], cols["labels"], cols["cut"])
-    return [t for t in (truncate({"input_ids": i, "labels": lab, "cut": c}, max_len) for i, lab, c in rows) if t is not None]
+    return [
+        t for t in (truncate({"input_ids": i, "labels": lab, "cut": c}, max_len) for i, lab, c in rows) if t is not None
+    ]
 
 
-def build_sft_data(tokenizer, source, max_len: int, schema: str = "auto", template: str = "auto", validation_split: float = 0.05,
-                   seed: int = 42, validation_source=None, prompt_column: str | None = None, response_column: str | None = None,
-                   max_samples: int | None = None, *, train_on_inputs: bool = False) -> SFTData:
+def build_sft_data(
+    tokenizer,
+    source,
+    max_len: int,
+    schema: str = "auto",
+    template: str = "auto",
+    validation_split: float = 0.05,
+    seed: int = 42,
+    validation_source=None,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    max_samples: int | None = None,
+    *,
+    train_on_inputs: bool = False,
+) -> SFTData:
     """Read, tokenise, split and mix the datasets of a run (a spec, a list of specs, or a YAML list of them)."""
     check_max_len(max_len)
     opts = DataOptions(schema, template, prompt_column, response_column, train_on_inputs, max_samples)
@@ -90,7 +108,11 @@ def build_sft_data(tokenizer, source, max_len: int, schema: str = "auto", templa
     for k, spec in enumerate(specs):
         ds, shape = tokenized(tokenizer, spec, opts)
         shapes.append(shape)
-        tr_idx, va_idx = (list(range(len(ds))), []) if validation_source else split_validation(list(range(len(ds))), validation_split, seed)
+        tr_idx, va_idx = (
+            (list(range(len(ds))), [])
+            if validation_source
+            else split_validation(list(range(len(ds))), validation_split, seed)
+        )
         part = items_at(ds, weighted(tr_idx, spec.weight, seed + k), max_len)
         if not part:
             raise UsageError(f"{spec.name}: --max-seq-length {max_len} is too small to hold any response; raise it")
@@ -107,8 +129,9 @@ def build_sft_data(tokenizer, source, max_len: int, schema: str = "auto", templa
     return SFTData(train, val, ",".join(dict.fromkeys(shapes)), counts, val_counts)
 
 
-def sample_items(tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0,
-                 opts: DataOptions | None = None) -> tuple[list[dict], dict[str, int], dict[str, int]]:
+def sample_items(
+    tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0, opts: DataOptions | None = None
+) -> tuple[list[dict], dict[str, int], dict[str, int]]:
     """Up to N examples from each dataset (a seeded choice; a dataset's `samples` overrides N), rendered like training
     data and truncated: the items ({input_ids, labels}), tokens per dataset and examples per dataset."""
     check_max_len(max_len)
@@ -126,8 +149,9 @@ def sample_items(tokenizer, sources, samples_per_dataset: int, max_len: int, see
     return out, tokens, examples
 
 
-def sample_token_ids(tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0,
-                     opts: DataOptions | None = None) -> tuple[list[list[int]], dict[str, int], dict[str, int]]:
+def sample_token_ids(
+    tokenizer, sources, samples_per_dataset: int, max_len: int, seed: int = 0, opts: DataOptions | None = None
+) -> tuple[list[list[int]], dict[str, int], dict[str, int]]:
     """`templates build` input: the token ids of `sample_items`, tokens per dataset and examples per dataset."""
     items, tokens, examples = sample_items(tokenizer, sources, samples_per_dataset, max_len, seed, opts)
     return [i["input_ids"] for i in items], tokens, examples

@@ -26,7 +26,9 @@ from fnscale.data.tokenize import IGNORE
 def pack_rows(items: list[dict], max_len: int) -> list[dict]:
     """Whole examples packed into rows of at most max_len tokens (best-fit decreasing): {input_ids, labels, lengths, examples}."""
     order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
-    room: list[tuple[int, int]] = []  # (free tokens, row index), sorted: the tightest row that fits is found by bisection
+    room: list[
+        tuple[int, int]
+    ] = []  # (free tokens, row index), sorted: the tightest row that fits is found by bisection
     rows: list[list[int]] = []
     for i in order:
         n = len(items[i]["input_ids"])
@@ -58,8 +60,13 @@ def _positions(lengths: list[int]) -> list[int]:
 def collate_packed(rows: list[dict], pad_id: int, flatten: bool = False) -> dict:
     """{input_ids, labels, position_ids, use_cache} for packed rows; `flatten` joins them into one row (FlashAttention varlen)."""
     if flatten:
-        rows = [{"input_ids": [t for r in rows for t in r["input_ids"]], "labels": [t for r in rows for t in r["labels"]],
-                 "lengths": [n for r in rows for n in r["lengths"]]}]
+        rows = [
+            {
+                "input_ids": [t for r in rows for t in r["input_ids"]],
+                "labels": [t for r in rows for t in r["labels"]],
+                "lengths": [n for r in rows for n in r["lengths"]],
+            }
+        ]
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

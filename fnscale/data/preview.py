@@ -14,8 +14,15 @@ MARKS = {"brackets": ("[[", "]]"), "colour": ("\x1b[1;32m", "\x1b[0m"), "none": 
 
 def length_stats(lengths: list[int], max_len: int) -> dict:
     a = np.asarray(lengths, dtype=np.int64)
-    return {"min": int(a.min()), "mean": round(float(a.mean()), 1), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
-            "max": int(a.max()), "over_max_seq_length": int((a > max_len).sum()), "max_seq_length": max_len}
+    return {
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 1),
+        "median": float(np.median(a)),
+        "p95": float(np.percentile(a, 95)),
+        "max": int(a.max()),
+        "over_max_seq_length": int((a > max_len).sum()),
+        "max_seq_length": max_len,
+    }
 
 
 def padding(lengths: list[int], max_len: int, batch_size: int, seed: int = 0) -> dict:
@@ -24,10 +31,14 @@ def padding(lengths: list[int], max_len: int, batch_size: int, seed: int = 0) ->
     costs what its tokens cost, as on CPU (a GPU's cost per token varies with batch shape: measure there)."""
     a = np.minimum(np.asarray(lengths, dtype=np.int64), max_len)
     a = a[np.random.default_rng(seed).permutation(len(a))]
-    batches = [a[i:i + batch_size] for i in range(0, len(a), batch_size)]
+    batches = [a[i : i + batch_size] for i in range(0, len(a), batch_size)]
     padded = sum(len(b) * int(b.max()) for b in batches)
     real = int(a.sum())
-    return {"batch_size": batch_size, "real_share": round(real / padded, 3), "packing_gain_bound": round(padded / real, 2)}
+    return {
+        "batch_size": batch_size,
+        "real_share": round(real / padded, 3),
+        "packing_gain_bound": round(padded / real, 2),
+    }
 
 
 def marked(tokenizer, item: dict, style: str = "brackets") -> tuple[str, list[list]]:
@@ -46,8 +57,15 @@ def marked(tokenizer, item: dict, style: str = "brackets") -> tuple[str, list[li
     return "".join(f"{start}{t}{end}" if trained else t for t, trained in segments), segments
 
 
-def preview(tokenizer, sources, n: int = 3, max_len: int = 512, opts: DataOptions | None = None, style: str = "brackets",
-            batch_size: int = 4) -> dict:
+def preview(
+    tokenizer,
+    sources,
+    n: int = 3,
+    max_len: int = 512,
+    opts: DataOptions | None = None,
+    style: str = "brackets",
+    batch_size: int = 4,
+) -> dict:
     """Shapes and counts per dataset, token-length statistics and padding over all of them, and the first n examples."""
     import pyarrow.compute as pc
 
@@ -62,8 +80,16 @@ def preview(tokenizer, sources, n: int = 3, max_len: int = 512, opts: DataOption
             if item is None:
                 continue
             text, segments = marked(tokenizer, item, style)
-            shown.append({"dataset": spec.name, "index": i, "tokens": len(item["input_ids"]),
-                          "trained_tokens": sum(label != IGNORE for label in item["labels"]), "text": text, "segments": segments})
+            shown.append(
+                {
+                    "dataset": spec.name,
+                    "index": i,
+                    "tokens": len(item["input_ids"]),
+                    "trained_tokens": sum(label != IGNORE for label in item["labels"]),
+                    "text": text,
+                    "segments": segments,
+                }
+            )
     report["tokens"] = length_stats(lengths, max_len)
     report["padding"] = padding(lengths, max_len, batch_size)
     report["examples"] = shown

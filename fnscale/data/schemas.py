@@ -24,18 +24,66 @@ class Shape:
 
 # Detection order: the first shape whose columns are all present wins (more specific shapes first).
 SHAPES = (
-    Shape("chat", ("messages",), example='{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}'),
-    Shape("sharegpt", ("conversations",), example='{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}'),
-    Shape("system-user-assistant", ("user", "assistant"), ("user",), "assistant", '{"system": "Be brief.", "user": "Hi", "assistant": "Hello!"}'),
-    Shape("dolly", ("instruction", "context", "response"), ("instruction", "context"), "response",
-          '{"instruction": "Summarise.", "context": "Long text...", "response": "Short."}'),
-    Shape("instruction-response", ("instruction", "response"), ("instruction",), "response", '{"instruction": "Say hi.", "response": "Hi!"}'),
-    Shape("alpaca", ("instruction", "output"), ("instruction", "input"), "output", '{"instruction": "Add.", "input": "2+2", "output": "4"}'),
-    Shape("context-question-answer", ("context", "question", "answer"), ("context", "question"), "answer",
-          '{"context": "Paris is in France.", "question": "Where is Paris?", "answer": "France"}'),
+    Shape(
+        "chat",
+        ("messages",),
+        example='{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}',
+    ),
+    Shape(
+        "sharegpt",
+        ("conversations",),
+        example='{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}',
+    ),
+    Shape(
+        "system-user-assistant",
+        ("user", "assistant"),
+        ("user",),
+        "assistant",
+        '{"system": "Be brief.", "user": "Hi", "assistant": "Hello!"}',
+    ),
+    Shape(
+        "dolly",
+        ("instruction", "context", "response"),
+        ("instruction", "context"),
+        "response",
+        '{"instruction": "Summarise.", "context": "Long text...", "response": "Short."}',
+    ),
+    Shape(
+        "instruction-response",
+        ("instruction", "response"),
+        ("instruction",),
+        "response",
+        '{"instruction": "Say hi.", "response": "Hi!"}',
+    ),
+    Shape(
+        "alpaca",
+        ("instruction", "output"),
+        ("instruction", "input"),
+        "output",
+        '{"instruction": "Add.", "input": "2+2", "output": "4"}',
+    ),
+    Shape(
+        "context-question-answer",
+        ("context", "question", "answer"),
+        ("context", "question"),
+        "answer",
+        '{"context": "Paris is in France.", "question": "Where is Paris?", "answer": "France"}',
+    ),
     Shape("qa", ("question", "answer"), ("question",), "answer", '{"question": "2+2?", "answer": "4"}'),
-    Shape("question-response", ("question", "response"), ("question",), "response", '{"question": "2+2?", "response": "4"}'),
-    Shape("prompt-completion", ("prompt", "completion"), ("prompt",), "completion", '{"prompt": "2+2=", "completion": "4"}'),
+    Shape(
+        "question-response",
+        ("question", "response"),
+        ("question",),
+        "response",
+        '{"question": "2+2?", "response": "4"}',
+    ),
+    Shape(
+        "prompt-completion",
+        ("prompt", "completion"),
+        ("prompt",),
+        "completion",
+        '{"prompt": "2+2=", "completion": "4"}',
+    ),
     Shape("prompt-response", ("prompt", "response"), ("prompt",), "response", '{"prompt": "2+2?", "response": "4"}'),
     Shape("input-output", ("input", "output"), ("input",), "output", '{"input": "2+2?", "output": "4"}'),
     Shape("camel", ("message_1", "message_2"), ("message_1",), "message_2", '{"message_1": "2+2?", "message_2": "4"}'),
@@ -45,8 +93,16 @@ BY_NAME = {s.name: s for s in SHAPES}
 SCHEMAS = ("auto", *BY_NAME)
 ACCEPTED = " | ".join("/".join(s.needs) for s in SHAPES)
 SYSTEM_COLUMNS = ("system", "system_prompt")
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
-         "bot": "assistant", "chatgpt": "assistant", "system": "system"}
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -75,15 +131,21 @@ def detect_schema(columns, schema: str = "auto") -> str:
     if schema != "auto":
         missing = [c for c in BY_NAME[schema].needs if c not in columns]
         if missing:
-            raise UsageError(f"--schema {schema} needs columns {list(BY_NAME[schema].needs)}, data has {sorted(columns)}")
+            raise UsageError(
+                f"--schema {schema} needs columns {list(BY_NAME[schema].needs)}, data has {sorted(columns)}"
+            )
         return schema
     for shape in SHAPES:
         if all(c in columns for c in shape.needs):
             return shape.name
-    raise UsageError(f"no usable columns: found {sorted(columns)}; expected one of {ACCEPTED} (or pass --prompt-column/--response-column)")
+    raise UsageError(
+        f"no usable columns: found {sorted(columns)}; expected one of {ACCEPTED} (or pass --prompt-column/--response-column)"
+    )
 
 
-def resolve_shape(columns, schema: str = "auto", prompt_column: str | None = None, response_column: str | None = None) -> Shape:
+def resolve_shape(
+    columns, schema: str = "auto", prompt_column: str | None = None, response_column: str | None = None
+) -> Shape:
     """Custom columns when given (checked against the data), else the detected or named shape."""
     shape = custom_shape(prompt_column, response_column)
     if shape is None:
@@ -123,7 +185,9 @@ def _conversation(turns) -> list[dict]:
     return out
 
 
-def to_examples(records: list[dict], schema: str = "auto", prompt_column: str | None = None, response_column: str | None = None) -> list[Example]:
+def to_examples(
+    records: list[dict], schema: str = "auto", prompt_column: str | None = None, response_column: str | None = None
+) -> list[Example]:
     """Rows as Examples; a row that does not fit gets one line naming it."""
     if not records:
         return []

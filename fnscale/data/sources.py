@@ -69,12 +69,22 @@ def parse_spec(spec) -> DatasetSpec:
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - set(SPEC_KEYS))
         if unknown or "path" not in spec:
-            raise UsageError(f"dataset entry {spec}: needs `path`, may have {', '.join(SPEC_KEYS[1:])}; unknown: {unknown}")
+            raise UsageError(
+                f"dataset entry {spec}: needs `path`, may have {', '.join(SPEC_KEYS[1:])}; unknown: {unknown}"
+            )
         base = parse_spec(str(spec["path"]))
         weight = float(spec.get("weight", base.weight))
         _check_weight(weight, spec)
-        return DatasetSpec(base.path, spec.get("config", base.config), spec.get("split", base.split), weight,
-                           spec.get("schema"), dict(spec.get("columns") or {}), spec.get("samples"), str(spec["path"]))
+        return DatasetSpec(
+            base.path,
+            spec.get("config", base.config),
+            spec.get("split", base.split),
+            weight,
+            spec.get("schema"),
+            dict(spec.get("columns") or {}),
+            spec.get("samples"),
+            str(spec["path"]),
+        )
     spec = str(spec or DEFAULT_DATASET)
     if spec == DEFAULT_DATASET:
         return DatasetSpec(str(default_dataset_path()), label=DEFAULT_DATASET)
@@ -86,7 +96,9 @@ def parse_spec(spec) -> DatasetSpec:
         _check_weight(weight, spec)
     path, rest = parts[0], parts[1:]
     if _is_local(path) and rest:
-        raise UsageError(f"dataset {spec!r}: local data takes only a weight (path:0.5); config and split are for hub names")
+        raise UsageError(
+            f"dataset {spec!r}: local data takes only a weight (path:0.5); config and split are for hub names"
+        )
     if len(rest) > 2:
         raise UsageError(f"dataset {spec!r}: expected NAME[:CONFIG[:SPLIT]][:WEIGHT]")
     config = rest[0] or None if rest else None
@@ -145,7 +157,9 @@ def local_files(path: str) -> list[Path] | None:
         if not files:
             raise UsageError(f"no files match {path}; check the pattern")
     elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _data_suffix(f) in BUILDERS and not f.name.startswith("."))
+        files = sorted(
+            f for f in p.rglob("*") if f.is_file() and _data_suffix(f) in BUILDERS and not f.name.startswith(".")
+        )
         if not files:
             raise UsageError(f"folder {path} holds no .json/.jsonl/.csv/.parquet/.txt files (optionally .gz)")
     elif p.is_file():
@@ -155,7 +169,9 @@ def local_files(path: str) -> list[Path] | None:
     kinds = {BUILDERS.get(_data_suffix(f)) for f in files}
     if None in kinds:
         bad = next(f for f in files if _data_suffix(f) not in BUILDERS)
-        raise UsageError(f"unsupported data file type {_data_suffix(bad) or bad.name!r} for {bad}; use .json, .jsonl, .csv, .parquet or .txt (optionally .gz)")
+        raise UsageError(
+            f"unsupported data file type {_data_suffix(bad) or bad.name!r} for {bad}; use .json, .jsonl, .csv, .parquet or .txt (optionally .gz)"
+        )
     if len(kinds) > 1:
         raise UsageError(f"{path} mixes file types {sorted(kinds)}; give each type as its own --dataset")
     for f in files:
@@ -244,7 +260,9 @@ def _python_rows(path: Path) -> list[dict]:
             raise UsageError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
         data = next((data[k] for k in WRAPPER_KEYS if isinstance(data, dict) and isinstance(data.get(k), list)), data)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise UsageError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}); for one object per line use .jsonl")
+            raise UsageError(
+                f'{path}: expected a JSON list of objects (or {{"data": [...]}}); for one object per line use .jsonl'
+            )
         return data
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -278,8 +296,12 @@ def _read_hub(spec: DatasetSpec):
         return datasets.load_dataset(spec.path, spec.config, split=spec.split)
     except Exception as err:
         if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise UsageError(f"cannot load dataset {spec.path!r}: not a local file, not in the datasets cache, and the hub is offline "
-                             "(HF_HUB_OFFLINE=1); download it once online or pass a local .json/.jsonl/.csv/.parquet file") from err
+            raise UsageError(
+                f"cannot load dataset {spec.path!r}: not a local file, not in the datasets cache, and the hub is offline "
+                "(HF_HUB_OFFLINE=1); download it once online or pass a local .json/.jsonl/.csv/.parquet file"
+            ) from err
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         where = spec.path + (f" (config {spec.config})" if spec.config else "") + f", split {spec.split!r}"
-        raise UsageError(f"cannot load dataset {spec.path!r} ({where}): {msg[:200]}; check NAME:CONFIG:SPLIT, or pass a local file") from err
+        raise UsageError(
+            f"cannot load dataset {spec.path!r} ({where}): {msg[:200]}; check NAME:CONFIG:SPLIT, or pass a local file"
+        ) from err

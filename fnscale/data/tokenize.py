@@ -50,10 +50,14 @@ def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool, boo
             prompt = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
         except Exception as err:
-            raise UsageError(f"the chat template refused a conversation ({str(err)[:120]}); fix the data or use --template plain") from err
+            raise UsageError(
+                f"the chat template refused a conversation ({str(err)[:120]}); fix the data or use --template plain"
+            ) from err
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise UsageError("the chat template does not render conversations turn by turn (a prefix changes); use --template plain")
-        segments += [(prompt[len(done):], False, False), (full[len(prompt):], True, True)]
+            raise UsageError(
+                "the chat template does not render conversations turn by turn (a prefix changes); use --template plain"
+            )
+        segments += [(prompt[len(done) :], False, False), (full[len(prompt) :], True, True)]
         done = full
     return segments
 
@@ -68,7 +72,11 @@ def _plain_segments(messages: list[dict], eos: str) -> list[tuple[str, bool, boo
             prompt = PLAIN_TEMPLATE.format(prompt="\n\n".join(pending))
             if system and not segments:
                 prompt = f"{system}\n\n{prompt}"
-            segments += [(("\n\n" if segments else "") + prompt, False, False), (m["content"], True, True), (eos, True, False)]
+            segments += [
+                (("\n\n" if segments else "") + prompt, False, False),
+                (m["content"], True, True),
+                (eos, True, False),
+            ]
             pending = []
     return segments
 
@@ -134,7 +142,9 @@ def truncate(item: dict, max_len: int) -> dict | None:
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_example(tokenizer, ex: Example, max_len: int, template: str = "auto", train_on_inputs: bool = False) -> dict | None:
+def tokenize_example(
+    tokenizer, ex: Example, max_len: int, template: str = "auto", train_on_inputs: bool = False
+) -> dict | None:
     """input_ids and labels of one example, truncated; None if no response token fits."""
     return truncate(encode(tokenizer, [ex], template, train_on_inputs)[0], max_len)
 
@@ -144,9 +154,15 @@ def check_max_len(max_len: int) -> None:
         raise UsageError(f"--max-seq-length {max_len} is too small; use at least 64")
 
 
-def tokenize_all(tokenizer, examples: list[Example], max_len: int, template: str = "auto", train_on_inputs: bool = False) -> list[dict]:
+def tokenize_all(
+    tokenizer, examples: list[Example], max_len: int, template: str = "auto", train_on_inputs: bool = False
+) -> list[dict]:
     check_max_len(max_len)
-    out = [t for t in (truncate(i, max_len) for i in encode(tokenizer, examples, template, train_on_inputs)) if t is not None]
+    out = [
+        t
+        for t in (truncate(i, max_len) for i in encode(tokenizer, examples, template, train_on_inputs))
+        if t is not None
+    ]
     if not out:
         raise UsageError(f"--max-seq-length {max_len} is too small to hold any response; raise it")
     return out
@@ -160,13 +176,24 @@ def tokenizer_key(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(repr((getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token, type(tokenizer).__name__)).encode())
+    h.update(
+        repr(
+            (
+                getattr(tokenizer, "chat_template", None),
+                tokenizer.bos_token,
+                tokenizer.eos_token,
+                type(tokenizer).__name__,
+            )
+        ).encode()
+    )
     for module in ("tokenize.py", "schemas.py"):
         h.update((Path(__file__).parent / module).read_bytes())
     return h.hexdigest()
 
 
-def tokenize_dataset(raw, tokenizer, shape: Shape, template: str = "auto", train_on_inputs: bool = False, num_proc: int | None = None):
+def tokenize_dataset(
+    raw, tokenizer, shape: Shape, template: str = "auto", train_on_inputs: bool = False, num_proc: int | None = None
+):
     """Rows -> full-length {input_ids, labels, cut} with `datasets.map`: cached on disk for file and hub data,
     so a second run with the same data, tokenizer and options reads the Arrow cache instead of tokenising."""
     from datasets.fingerprint import Hasher
@@ -178,11 +205,20 @@ def tokenize_dataset(raw, tokenizer, shape: Shape, template: str = "auto", train
 
     def encode_rows(batch, indices):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        items = encode(tokenizer, [checked_example(r, shape, i) for r, i in zip(rows, indices)], template, train_on_inputs)
+        items = encode(
+            tokenizer, [checked_example(r, shape, i) for r, i in zip(rows, indices)], template, train_on_inputs
+        )
         return {k: [it[k] for it in items] for k in ("input_ids", "labels", "cut")}
 
-    return raw.map(encode_rows, batched=True, with_indices=True, remove_columns=raw.column_names, new_fingerprint=fingerprint,
-                   num_proc=num_proc if num_proc and num_proc > 1 else None, desc="tokenizing")
+    return raw.map(
+        encode_rows,
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        new_fingerprint=fingerprint,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        desc="tokenizing",
+    )
 
 
 def _cpus() -> int:

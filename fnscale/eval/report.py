@@ -36,7 +36,11 @@ def deltas(base: dict, m: dict) -> dict:
     retention = {}
     for name, s in m["retention"].items():
         b = base["retention"][name]
-        pct = 100 * (s["ppl"] / b["ppl"] - 1) if math.isfinite(s["ppl"]) and math.isfinite(b["ppl"]) and b["ppl"] > 0 else None
+        pct = (
+            100 * (s["ppl"] / b["ppl"] - 1)
+            if math.isfinite(s["ppl"]) and math.isfinite(b["ppl"]) and b["ppl"] > 0
+            else None
+        )
         retention[name] = {"loss": _diff(s["loss"], b["loss"]), "ppl": _diff(s["ppl"], b["ppl"]), "ppl_pct": pct}
     summary = {
         "task_gain": _mean([-d["loss"] if d["loss"] is not None else None for d in task.values()]),
@@ -44,12 +48,15 @@ def deltas(base: dict, m: dict) -> dict:
     }
     out = {"task": task, "retention": retention, "summary": summary}
     if "lm_eval" in m and "lm_eval" in base:
-        out["lm_eval"] = {t: {k: _diff(v, base["lm_eval"].get(t, {}).get(k)) for k, v in ms.items()} for t, ms in m["lm_eval"].items()}
+        out["lm_eval"] = {
+            t: {k: _diff(v, base["lm_eval"].get(t, {}).get(k)) for k, v in ms.items()} for t, ms in m["lm_eval"].items()
+        }
     return out
 
 
 def continual(results: list[dict], task_names: list[str], metric: str) -> dict:
     """R (rows: checkpoints in training order; columns: tasks), the base row b, and ACC/BWT/FWT."""
+
     def score(r, t):
         v = r["task"][t][metric]
         if v is None:
@@ -59,9 +66,19 @@ def continual(results: list[dict], task_names: list[str], metric: str) -> dict:
     R = [[score(r, t) for t in task_names] for r in results[1:]]
     b = [score(results[0], t) for t in task_names]
     if len(R) != len(task_names):
-        raise UsageError(f"the sequence has {len(R)} checkpoints for {len(task_names)} tasks; give one checkpoint per task")
+        raise UsageError(
+            f"the sequence has {len(R)} checkpoints for {len(task_names)} tasks; give one checkpoint per task"
+        )
     rows = [r["label"] for r in results[1:]]
-    return {"metric": metric, "tasks": task_names, "rows": rows, "R": R, "baseline": b, **cl_metrics(R, b), "convention": CL_CONVENTION}
+    return {
+        "metric": metric,
+        "tasks": task_names,
+        "rows": rows,
+        "R": R,
+        "baseline": b,
+        **cl_metrics(R, b),
+        "convention": CL_CONVENTION,
+    }
 
 
 def build(meta: dict, results: list[dict], cl_metric: str | None = None) -> dict:
@@ -75,7 +92,12 @@ def build(meta: dict, results: list[dict], cl_metric: str | None = None) -> dict
 
 def write_all(rep: dict, out: Path) -> dict[str, str]:
     out = Path(out)
-    files = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / PLOT, "tensorboard": out / "tensorboard"}
+    files = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "plot": out / PLOT,
+        "tensorboard": out / "tensorboard",
+    }
     write_json(files["json"], finite({**rep, "files": {k: str(v) for k, v in files.items()}}))
     write_text(files["markdown"], markdown(rep))
     plot(rep, files["plot"])
@@ -97,7 +119,10 @@ def _pct(x, signed=False):
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
+    ]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
@@ -105,10 +130,18 @@ def markdown(rep: dict) -> str:
     models, model_deltas = rep["models"], rep["deltas"]
     cfg = rep["config"]
     md = [f"# Forgetting report: {rep['model']}\n"]
-    md.append(f"Device {rep['device']}, {rep['dtype']}, seed {cfg['seed']}, max {cfg['max_seq_length']} tokens per sequence.\n")
-    md.append("Models: " + ", ".join(f"`{m['label']}` ({m['kind']}{', ' + m['path'] if m['path'] else ''})" for m in models) + "\n")
+    md.append(
+        f"Device {rep['device']}, {rep['dtype']}, seed {cfg['seed']}, max {cfg['max_seq_length']} tokens per sequence.\n"
+    )
+    md.append(
+        "Models: "
+        + ", ".join(f"`{m['label']}` ({m['kind']}{', ' + m['path'] if m['path'] else ''})" for m in models)
+        + "\n"
+    )
     for t in rep["tasks"]:
-        md.append(f"Task `{t['name']}`: {t['source']} — split `{t['split']}`, {t['examples']} examples scored for loss, {t['generated']} generated.\n")
+        md.append(
+            f"Task `{t['name']}`: {t['source']} — split `{t['split']}`, {t['examples']} examples scored for loss, {t['generated']} generated.\n"
+        )
     for r in rep["retention"]:
         md.append(f"Retention `{r['name']}`: {r['source']} — {r['chunks']} windows; scored: {r['scored']}.\n")
 
@@ -117,12 +150,26 @@ def markdown(rep: dict) -> str:
         rows = []
         for m in models:
             s, d = m["task"][t["name"]], model_deltas.get(m["label"], {}).get("task", {}).get(t["name"], {})
-            rows.append([m["label"], _f(s["loss"]), _f(d.get("loss"), signed=True) if d else "", _f(s["ppl"], "{:.2f}"),
-                         _pct(s["exact_match"]), _pct(d.get("exact_match"), True) if d else "",
-                         _pct(s["token_accuracy"]), _pct(d.get("token_accuracy"), True) if d else "", str(s["tokens"])])
+            rows.append(
+                [
+                    m["label"],
+                    _f(s["loss"]),
+                    _f(d.get("loss"), signed=True) if d else "",
+                    _f(s["ppl"], "{:.2f}"),
+                    _pct(s["exact_match"]),
+                    _pct(d.get("exact_match"), True) if d else "",
+                    _pct(s["token_accuracy"]),
+                    _pct(d.get("token_accuracy"), True) if d else "",
+                    str(s["tokens"]),
+                ]
+            )
         if len(rep["tasks"]) > 1:
             md.append(f"\n### {t['name']}\n")
-        md.append(_table(["model", "loss", "Δ loss", "ppl", "exact match", "Δ EM", "token acc", "Δ token acc", "tokens"], rows))
+        md.append(
+            _table(
+                ["model", "loss", "Δ loss", "ppl", "exact match", "Δ EM", "token acc", "Δ token acc", "tokens"], rows
+            )
+        )
 
     if rep["retention"]:
         md.append("\n## What it cost (retention)\n")
@@ -130,19 +177,40 @@ def markdown(rep: dict) -> str:
         for r in rep["retention"]:
             for m in models:
                 s, d = m["retention"][r["name"]], model_deltas.get(m["label"], {}).get("retention", {}).get(r["name"])
-                rows.append([m["label"], r["name"], _f(s["loss"]), _f(d["loss"], signed=True) if d else "", _f(s["ppl"], "{:.2f}"),
-                             (_f(d["ppl_pct"], "{:.1f}", signed=True) + "%") if d and d["ppl_pct"] is not None else "", str(s["tokens"])])
+                rows.append(
+                    [
+                        m["label"],
+                        r["name"],
+                        _f(s["loss"]),
+                        _f(d["loss"], signed=True) if d else "",
+                        _f(s["ppl"], "{:.2f}"),
+                        (_f(d["ppl_pct"], "{:.1f}", signed=True) + "%") if d and d["ppl_pct"] is not None else "",
+                        str(s["tokens"]),
+                    ]
+                )
         md.append(_table(["model", "corpus", "loss", "Δ loss", "ppl", "Δ ppl", "tokens"], rows))
 
     if model_deltas:
         md.append("\n## Gain vs cost\n")
-        md.append(_table(["model", "task gain (nats/token)", "retention cost (nats/token)"],
-                         [[k, _f(v["summary"]["task_gain"], signed=True), _f(v["summary"]["retention_cost"], signed=True)] for k, v in model_deltas.items()]))
+        md.append(
+            _table(
+                ["model", "task gain (nats/token)", "retention cost (nats/token)"],
+                [
+                    [k, _f(v["summary"]["task_gain"], signed=True), _f(v["summary"]["retention_cost"], signed=True)]
+                    for k, v in model_deltas.items()
+                ],
+            )
+        )
         md.append(f"\n![task gain vs retention cost]({PLOT})\n")
 
     if any("lm_eval" in m for m in models):
         md.append("\n## lm-eval harness\n")
-        rows = [[m["label"], t, k, _f(v)] for m in models for t, ms in m.get("lm_eval", {}).items() for k, v in sorted(ms.items())]
+        rows = [
+            [m["label"], t, k, _f(v)]
+            for m in models
+            for t, ms in m.get("lm_eval", {}).items()
+            for k, v in sorted(ms.items())
+        ]
         md.append(_table(["model", "task", "metric", "value"], rows))
 
     if "continual" in rep:
@@ -152,7 +220,9 @@ def markdown(rep: dict) -> str:
         rows = [["base (b)", *[_f(x) for x in c["baseline"]]]]
         rows += [[f"{i + 1}. {lab}", *[_f(x) for x in row]] for i, (lab, row) in enumerate(zip(c["rows"], c["R"]))]
         md.append(_table(head, rows))
-        md.append(f"\nACC = {_f(c['ACC'])}, BWT = {_f(c['BWT'], signed=True)}, FWT = {_f(c['FWT'], signed=True)} (T = {c['T']}).\n")
+        md.append(
+            f"\nACC = {_f(c['ACC'])}, BWT = {_f(c['BWT'], signed=True)}, FWT = {_f(c['FWT'], signed=True)} (T = {c['T']}).\n"
+        )
         md.append(f"\n{c['convention']}\n")
 
     md.append(_samples(rep))
@@ -202,7 +272,9 @@ def _samples(rep: dict, n: int = 3) -> str:
         count = min([len(s) for _, s in per_model] + [n])
         for i in range(count):
             ref = per_model[0][1][i]
-            out.append(f"\n**{t['name']} #{i + 1}** — prompt: {_one_line(ref['prompt'], tail=True)}\n\n- reference: {_one_line(ref['reference'])}\n")
+            out.append(
+                f"\n**{t['name']} #{i + 1}** — prompt: {_one_line(ref['prompt'], tail=True)}\n\n- reference: {_one_line(ref['reference'])}\n"
+            )
             out.extend(f"- {label}: {_one_line(s[i]['generation'])}\n" for label, s in per_model)
     return ("\n## Sample generations\n" + "".join(out)) if out else ""
 
@@ -226,7 +298,9 @@ def plot(rep: dict, target: Path) -> None:
     fig = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    points = [("base", 0.0, 0.0)] + [(k, v["summary"]["retention_cost"] or 0.0, v["summary"]["task_gain"] or 0.0) for k, v in rep["deltas"].items()]
+    points = [("base", 0.0, 0.0)] + [
+        (k, v["summary"]["retention_cost"] or 0.0, v["summary"]["task_gain"] or 0.0) for k, v in rep["deltas"].items()
+    ]
     for label, x, y in points:
         ax.scatter([x], [y], s=40, color="grey" if label == "base" else None)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)

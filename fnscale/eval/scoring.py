@@ -221,7 +221,9 @@ def cl_metrics(R, baseline) -> dict:
     """ACC, BWT and FWT of a T x T score matrix R (row i: after training on task i) and base scores b (length T)."""
     T = len(R)
     if T == 0 or any(len(row) != T for row in R):
-        raise UsageError(f"the continual-learning matrix must be square with at least one task; got {[len(r) for r in R]} x {T}")
+        raise UsageError(
+            f"the continual-learning matrix must be square with at least one task; got {[len(r) for r in R]} x {T}"
+        )
     if len(baseline) != T:
         raise UsageError(f"baseline has {len(baseline)} scores for {T} tasks")
     acc = sum(R[T - 1][j] for j in range(T)) / T

@@ -23,8 +23,18 @@ def paired_difference(a: Mapping[int, float | None], b: Mapping[int, float | Non
 
     seeds = sorted(s for s in a if s in b and _finite(a[s]) and _finite(b[s]))
     diffs = [a[s] - b[s] for s in seeds]
-    out = {"n": len(diffs), "seeds": seeds, "mean": statistics.fmean(diffs) if diffs else None, "sd": None,
-           "low": None, "high": None, "t": None, "p": None, "excludes_zero": None, "level": level}
+    out = {
+        "n": len(diffs),
+        "seeds": seeds,
+        "mean": statistics.fmean(diffs) if diffs else None,
+        "sd": None,
+        "low": None,
+        "high": None,
+        "t": None,
+        "p": None,
+        "excludes_zero": None,
+        "level": level,
+    }
     if len(diffs) < 2:
         return out
     n, sd = len(diffs), statistics.stdev(diffs)

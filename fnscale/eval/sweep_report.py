@@ -26,10 +26,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     ok = [p is not None and all(x is not None and math.isfinite(x) for x in p) for p in points]
     front = []
     for i, (g, c) in enumerate(points):
-        dominated = any(
-            ok[j] and j != i and points[j][0] >= g and points[j][1] <= c and (points[j][0] > g or points[j][1] < c)
-            for j in range(len(points))
-        ) if ok[i] else True
+        dominated = (
+            any(
+                ok[j] and j != i and points[j][0] >= g and points[j][1] <= c and (points[j][0] > g or points[j][1] < c)
+                for j in range(len(points))
+            )
+            if ok[i]
+            else True
+        )
         front.append(not dominated)
     return front
 
@@ -38,13 +42,24 @@ def run_row(done: dict, base: dict) -> dict:
     """One run's scores and its deltas vs the base model."""
     task_name = next(iter(base["task_loss"]))
     task_loss = done["task_loss"][task_name]
-    rises = [100 * (done["retention_ppl"][n] / b - 1) for n, b in base["retention_ppl"].items() if n in done["retention_ppl"] and b > 0]
+    rises = [
+        100 * (done["retention_ppl"][n] / b - 1)
+        for n, b in base["retention_ppl"].items()
+        if n in done["retention_ppl"] and b > 0
+    ]
     return {
-        "run": done["run"], "name": done["name"], "seed": done["seed"], "options": done["options"],
-        "config": done.get("config", {}).get("train"), "train": done.get("train", {}),
-        "task_loss": task_loss, "retention_ppl": done["retention_ppl"],
+        "run": done["run"],
+        "name": done["name"],
+        "seed": done["seed"],
+        "options": done["options"],
+        "config": done.get("config", {}).get("train"),
+        "train": done.get("train", {}),
+        "task_loss": task_loss,
+        "retention_ppl": done["retention_ppl"],
         "task_loss_delta": task_loss - base["task_loss"][task_name],
-        "retention_ppl_delta": {n: done["retention_ppl"][n] - b for n, b in base["retention_ppl"].items() if n in done["retention_ppl"]},
+        "retention_ppl_delta": {
+            n: done["retention_ppl"][n] - b for n, b in base["retention_ppl"].items() if n in done["retention_ppl"]
+        },
         "task_gain": base["task_loss"][task_name] - task_loss,
         "retention_cost_pct": sum(rises) / len(rises) if rises else None,
     }
@@ -64,13 +79,17 @@ def summarise(rows: list[dict], order: list[str], corpora: list[str], reference:
         rs = [r for r in rows if r["name"] == name]
         if not rs:
             continue
-        configs.append({
-            "name": name, "seeds": [r["seed"] for r in rs], "options": rs[0]["options"],
-            "task_loss": _stats([r["task_loss"] for r in rs]),
-            "retention_ppl": {c: _stats([r["retention_ppl"].get(c) for r in rs]) for c in corpora},
-            "task_gain": _stats([r["task_gain"] for r in rs]),
-            "retention_cost_pct": _stats([r["retention_cost_pct"] for r in rs]),
-        })
+        configs.append(
+            {
+                "name": name,
+                "seeds": [r["seed"] for r in rs],
+                "options": rs[0]["options"],
+                "task_loss": _stats([r["task_loss"] for r in rs]),
+                "retention_ppl": {c: _stats([r["retention_ppl"].get(c) for r in rs]) for c in corpora},
+                "task_gain": _stats([r["task_gain"] for r in rs]),
+                "retention_cost_pct": _stats([r["retention_cost_pct"] for r in rs]),
+            }
+        )
     front = pareto_front([(c["task_gain"]["mean"], c["retention_cost_pct"]["mean"]) for c in configs])
     ref = next((c for c in configs if c["name"] == reference), None)
     for c, on_front in zip(configs, front):
@@ -108,25 +127,53 @@ def markdown(rep: dict) -> str:
     base, corpora = rep["base"], list(rep["base"]["retention_ppl"])
     task_name = next(iter(base["task_loss"]))
     has_ref = rep.get("reference") is not None
-    head = ["configuration", "seeds", "task loss", *[f"{c} ppl" for c in corpora], "task gain", "retention cost %", "Pareto"]
+    head = [
+        "configuration",
+        "seeds",
+        "task loss",
+        *[f"{c} ppl" for c in corpora],
+        "task gain",
+        "retention cost %",
+        "Pareto",
+    ]
     head += ["gain / ref", "cost / ref"] if has_ref else []
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    base_cells = ["base model", "-", f"{base['task_loss'][task_name]:.3f}", *[f"{base['retention_ppl'][c]:.2f}" for c in corpora], "0", "0", ""]
+    base_cells = [
+        "base model",
+        "-",
+        f"{base['task_loss'][task_name]:.3f}",
+        *[f"{base['retention_ppl'][c]:.2f}" for c in corpora],
+        "0",
+        "0",
+        "",
+    ]
     lines.append("| " + " | ".join(base_cells + (["", ""] if has_ref else [])) + " |")
     for c in rep["configs"]:
-        cells = [c["name"], str(len(c["seeds"])), _fmt(c["task_loss"]), *[_fmt(c["retention_ppl"][k], ".2f") for k in corpora],
-                 _fmt(c["task_gain"]), _fmt(c["retention_cost_pct"], "+.1f"), "**yes**" if c["pareto"] else ""]
+        cells = [
+            c["name"],
+            str(len(c["seeds"])),
+            _fmt(c["task_loss"]),
+            *[_fmt(c["retention_ppl"][k], ".2f") for k in corpora],
+            _fmt(c["task_gain"]),
+            _fmt(c["retention_cost_pct"], "+.1f"),
+            "**yes**" if c["pareto"] else "",
+        ]
         if has_ref:
             cells += [_share(c.get("gain_share_of_reference")), _share(c.get("cost_share_of_reference"))]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
-        f"# Sweep: {rep['sweep']}", "",
-        ("Mean ± sample standard deviation over seeds. Task gain = base task loss - task loss (higher is better); "
-         "retention cost = rise of retention perplexity vs the base, in percent (lower is better); retention "
-         f"metric `{base.get('retention_metric', 'retention/1')}` (plain text scored on its own tokens, no EOS or "
-         "end-of-turn token; SFT data as rendered for training). "
-         "Pareto: no other configuration has at least its mean gain and at most its mean cost."), "",
-        *lines, "",
+        f"# Sweep: {rep['sweep']}",
+        "",
+        (
+            "Mean ± sample standard deviation over seeds. Task gain = base task loss - task loss (higher is better); "
+            "retention cost = rise of retention perplexity vs the base, in percent (lower is better); retention "
+            f"metric `{base.get('retention_metric', 'retention/1')}` (plain text scored on its own tokens, no EOS or "
+            "end-of-turn token; SFT data as rendered for training). "
+            "Pareto: no other configuration has at least its mean gain and at most its mean cost."
+        ),
+        "",
+        *lines,
+        "",
     ]
     if has_ref:
         notes += [f"gain / ref and cost / ref: shares of `{rep['reference']}`'s mean gain and mean cost.", ""]
@@ -140,18 +187,24 @@ def markdown(rep: dict) -> str:
 def comparison_table(comps: list[dict]) -> list[str]:
     """Markdown lines: the paired differences A - B, each with its 95% interval and whether it excludes 0."""
     lines = [
-        "## Paired comparisons", "",
-        ("A - B over the seeds both finished (runs of one seed share data order and initial state); 95% interval from "
-         "Student's t with n-1 degrees of freedom. Task gain: higher is better, so a positive difference favours A; "
-         "retention cost (percentage points): lower is better, so a negative difference favours A. "
-         "Shown: the interval excludes 0; otherwise the difference is not shown, whatever its sign."), "",
+        "## Paired comparisons",
+        "",
+        (
+            "A - B over the seeds both finished (runs of one seed share data order and initial state); 95% interval from "
+            "Student's t with n-1 degrees of freedom. Task gain: higher is better, so a positive difference favours A; "
+            "retention cost (percentage points): lower is better, so a negative difference favours A. "
+            "Shown: the interval excludes 0; otherwise the difference is not shown, whatever its sign."
+        ),
+        "",
         "| A - B | seeds | task gain diff [95% CI] | shown | retention cost diff, points [95% CI] | shown |",
         "|---|---:|---:|---|---:|---|",
     ]
     for c in comps:
         g, k = c["task_gain"], c["retention_cost_pct"]
-        lines.append(f"| {c['a']} - {c['b']} | {max(g['n'], k['n'])} | {_interval(g, '+.3f')} | {_shown(g)} | "
-                     f"{_interval(k, '+.2f')} | {_shown(k)} |")
+        lines.append(
+            f"| {c['a']} - {c['b']} | {max(g['n'], k['n'])} | {_interval(g, '+.3f')} | {_shown(g)} | "
+            f"{_interval(k, '+.2f')} | {_shown(k)} |"
+        )
     return lines + [""]
 
 
@@ -193,8 +246,17 @@ def plot(rep: dict, target: Path) -> None:
         g, k = c["task_gain"], c["retention_cost_pct"]
         if g["mean"] is None or k["mean"] is None:
             continue
-        ax.errorbar(k["mean"], g["mean"], xerr=k["sd"] or 0, yerr=g["sd"] or 0, fmt="*" if c["pareto"] else "o",
-                    markersize=14 if c["pareto"] else 7, color=color, capsize=3, label=c["name"] + (" (Pareto)" if c["pareto"] else ""))
+        ax.errorbar(
+            k["mean"],
+            g["mean"],
+            xerr=k["sd"] or 0,
+            yerr=g["sd"] or 0,
+            fmt="*" if c["pareto"] else "o",
+            markersize=14 if c["pareto"] else 7,
+            color=color,
+            capsize=3,
+            label=c["name"] + (" (Pareto)" if c["pareto"] else ""),
+        )
     front = front_line(rep["configs"])
     if len(front) > 1:
         ax.plot(*zip(*front), "-", color="gray", linewidth=1.2, zorder=0, label="Pareto front")
@@ -213,7 +275,10 @@ def write_all(sweep, base: dict, done: dict[str, dict | None], out: Path) -> dic
     """sweep.json, sweep.md and pareto.png from the finished runs (unfinished ones are listed as missing)."""
     rows = [run_row(d, base) for d in done.values() if d is not None]
     rep = {
-        "format": "fnscale-sweep/1", "sweep": str(sweep.path), "reference": sweep.reference, "base": base,
+        "format": "fnscale-sweep/1",
+        "sweep": str(sweep.path),
+        "reference": sweep.reference,
+        "base": base,
         "missing": [run_id for run_id, d in done.items() if d is None],
         "runs": rows,
         "configs": summarise(rows, [name for name, _ in sweep.configs], list(base["retention_ppl"]), sweep.reference),
@@ -225,4 +290,3 @@ def write_all(sweep, base: dict, done: dict[str, dict | None], out: Path) -> dic
     write_text(files["markdown"], markdown(rep))
     plot(rep, Path(files["plot"]))
     return rep
-

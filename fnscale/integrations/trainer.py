@@ -34,8 +34,13 @@ class FunctionalNetworkCallback(TrainerCallback):
     whose `masks` and `stats()` say what was frozen.
     """
 
-    def __init__(self, networks: Templates | str | os.PathLike, components: int | Iterable[int] | str,
-                 mode: str = "lesion", **options):
+    def __init__(
+        self,
+        networks: Templates | str | os.PathLike,
+        components: int | Iterable[int] | str,
+        mode: str = "lesion",
+        **options,
+    ):
         self.templates = as_templates(networks)  # read (and refused, if malformed) when the trainer is built
         self.components, self.mode, self.options = components, mode, options
         self.frozen: FrozenNetworks | None = None
@@ -49,8 +54,13 @@ class FunctionalNetworkCallback(TrainerCallback):
             )
         self.frozen = freeze_networks(model, self.templates, self.components, self.mode, **self.options)
         if state.is_world_process_zero:
-            log.info("fnscale: %s-%s masks on components %s, %d neurons frozen", self.mode, self.frozen.effect,
-                     self.frozen.components, self.frozen.stats()["masked_neurons/total"])
+            log.info(
+                "fnscale: %s-%s masks on components %s, %d neurons frozen",
+                self.mode,
+                self.frozen.effect,
+                self.frozen.components,
+                self.frozen.stats()["masked_neurons/total"],
+            )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.frozen is not None and not self.frozen.removed:

@@ -146,7 +146,9 @@ def _use_triton(kernel: str, site: str, layers: list[MLPLayer]) -> bool:
     if not (on_cuda or interpret_mode()):
         raise UsageError("the Triton mask kernel needs CUDA; use --mask-kernel torch")
     if not triton_importable():
-        raise UsageError("the Triton mask kernel needs the triton package (pip install triton); use --mask-kernel torch")
+        raise UsageError(
+            "the Triton mask kernel needs the triton package (pip install triton); use --mask-kernel torch"
+        )
     return True
 
 
@@ -228,4 +230,3 @@ def _triton_refusal(layer: MLPLayer) -> str | None:
     if "forward" in vars(layer.mlp):
         return f"the forward of layer {layer.index}'s MLP is already replaced (masks applied twice?)"
     return None
-

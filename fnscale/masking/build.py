@@ -81,7 +81,6 @@ def build_masks(
     return masks
 
 
-
 def check_masks(masks: Mapping[int, torch.Tensor], layers: list[MLPLayer], site: str) -> dict[int, torch.Tensor]:
     checked = {}
     for key, mask in masks.items():

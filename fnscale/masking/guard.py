@@ -110,8 +110,13 @@ def protect_masked_weights(
     return MaskedWeightGuard(masked_slices(model, masks, site, offload=offload))
 
 
-def masked_slices(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str = "intermediate", offload: bool = False,
-                  snapshot: bool = True) -> list[_Slice]:
+def masked_slices(
+    model: nn.Module,
+    masks: Mapping[int, torch.Tensor],
+    site: str = "intermediate",
+    offload: bool = False,
+    snapshot: bool = True,
+) -> list[_Slice]:
     """The trainable tensor slices that carry masked neurons' weights (see MaskedWeightGuard for which).
     `snapshot=False` records where they are without copying them (ZeRO-3 partitions: gradient hooks only)."""
     _check_lora_inits(model)
@@ -122,7 +127,9 @@ def masked_slices(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str
     return slices
 
 
-def masked_features(model: nn.Module, masks: Mapping[int, torch.Tensor], site: str = "intermediate") -> list[tuple[nn.Module, str, torch.Tensor]]:
+def masked_features(
+    model: nn.Module, masks: Mapping[int, torch.Tensor], site: str = "intermediate"
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """(module, side, index) for each MLP linear holding masked neurons' weights: the masked input features
     (side "in": down projection at site intermediate) or output features ("out": gate/up, fused gate_up halves,
     GPT-2 c_fc; the down projection at site mlp_output)."""
@@ -161,7 +168,9 @@ def _check_lora_inits(model: nn.Module) -> None:
             )
 
 
-def _protect(module: nn.Module, names: dict, index: torch.Tensor, side: str, offload: bool, snapshot: bool = True) -> list[_Slice]:
+def _protect(
+    module: nn.Module, names: dict, index: torch.Tensor, side: str, offload: bool, snapshot: bool = True
+) -> list[_Slice]:
     """Slices of `module` touching `index`: its input features (side "in") or output features ("out")."""
     base = unwrap(module)
     layout = linear_features(module)[2]

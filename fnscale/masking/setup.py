@@ -39,8 +39,18 @@ log = logging.getLogger(__name__)
 class Masker:
     """The training loop's view of masking: attach after `prepare`, `after_step` after each optimizer step."""
 
-    def __init__(self, masks: dict[int, torch.Tensor], site: str, kernel: str, compact: bool | None, guard, zero3: bool, decay_free: set[int],
-                 hold: GradientHold | None = None, deltas: SliceDeltas | None = None):
+    def __init__(
+        self,
+        masks: dict[int, torch.Tensor],
+        site: str,
+        kernel: str,
+        compact: bool | None,
+        guard,
+        zero3: bool,
+        decay_free: set[int],
+        hold: GradientHold | None = None,
+        deltas: SliceDeltas | None = None,
+    ):
         self.masks, self.site, self.kernel, self.compact = masks, site, kernel, compact
         self.guard, self.zero3, self._decay_free = guard, zero3, decay_free
         self.hold = hold  # update masks: gradient hooks, on from setup; forward masks: None, hooks go on in `attach`
@@ -59,7 +69,9 @@ class Masker:
     def attach(self, model) -> None:
         if self.hold is not None:
             return
-        self.handle = apply_masks(model, self.masks, site=self.site, kernel=self.kernel, compact=False if self.zero3 else self.compact)
+        self.handle = apply_masks(
+            model, self.masks, site=self.site, kernel=self.kernel, compact=False if self.zero3 else self.compact
+        )
 
     def after_step(self) -> None:
         if self.guard is not None and not self.zero3:
@@ -111,7 +123,9 @@ def setup_masks(cfg, model, accelerator, templates: Templates) -> Masker:
     effect = cfg.mask_effect or "update"
     kept = float(np.mean([float(m.mean()) for m in masks.values()]))
     deltas = None
-    if _use_slices(cfg.optimizer_slices, effect, lora, uses_deepspeed(accelerator), kept):  # before the guard: frozen weights need no snapshot
+    if _use_slices(
+        cfg.optimizer_slices, effect, lora, uses_deepspeed(accelerator), kept
+    ):  # before the guard: frozen weights need no snapshot
         deltas = SliceDeltas(model, masks, site, cfg.weight_decay)
     # The guard zeroes LoRA slices now, before ZeRO partitions them. Under ZeRO-3 full fine-tuning the dense
     # weights are already partitioned and cannot be snapshotted: zero gradient + no decay keeps them instead.
@@ -126,17 +140,27 @@ def setup_masks(cfg, model, accelerator, templates: Templates) -> Masker:
                 decay_free.update(id(p) for p in base.parameters(recurse=False) if p.requires_grad)
     compact = {"auto": None, "on": True, "off": False}[cfg.compact]
     hold = GradientHold(slices) if effect == "update" else None
-    log.info("masks: %s-%s%s, components %s on %d layers at site %s (%.1f%% of their neurons kept)%s", cfg.mask_mode, effect,
-             " (random control)" if cfg.mask_control == "random" else "", ids, len(masks), site, 100 * kept,
-             "; optimizer state for the trained slices only" if deltas is not None else "")
+    log.info(
+        "masks: %s-%s%s, components %s on %d layers at site %s (%.1f%% of their neurons kept)%s",
+        cfg.mask_mode,
+        effect,
+        " (random control)" if cfg.mask_control == "random" else "",
+        ids,
+        len(masks),
+        site,
+        100 * kept,
+        "; optimizer state for the trained slices only" if deltas is not None else "",
+    )
     return Masker(masks, site, cfg.mask_kernel, compact, guard, zero3, decay_free, hold, deltas)
 
 
 def _use_slices(option: str, effect: str, lora: bool, deepspeed: bool, kept: float) -> bool:
     """--optimizer-slices: auto turns them on for update masks under full FT (no DeepSpeed) keeping under half the neurons."""
     if option == "on" and deepspeed:
-        raise UsageError("--optimizer-slices on is not supported under DeepSpeed (ZeRO shards the dense weights' optimizer state "
-                         "itself); drop it, or train on one device or with DDP")
+        raise UsageError(
+            "--optimizer-slices on is not supported under DeepSpeed (ZeRO shards the dense weights' optimizer state "
+            "itself); drop it, or train on one device or with DDP"
+        )
     if option == "off" or effect != "update" or lora or deepspeed:
         return False
     return option == "on" or kept < 0.5

@@ -23,7 +23,9 @@ class GradientHold:
     `remove()` takes them off (idempotent)."""
 
     def __init__(self, slices):
-        self._handles = [s.param.register_hook(lambda grad, s=s: grad.index_fill(s.dim, s.on_device(), 0.0)) for s in slices]
+        self._handles = [
+            s.param.register_hook(lambda grad, s=s: grad.index_fill(s.dim, s.on_device(), 0.0)) for s in slices
+        ]
         self.num_tensors = len(self._handles)
 
     def remove(self) -> None:
@@ -41,6 +43,8 @@ def freeze_outside_mlps(model: nn.Module) -> int:
             p.requires_grad_(False)
             frozen += 1
     if not any(p.requires_grad for p in model.parameters()):
-        raise UsageError("--no-train-attention left nothing to train (no trainable MLP weights); add MLP modules to "
-                         "--lora-target-modules or drop --no-train-attention")
+        raise UsageError(
+            "--no-train-attention left nothing to train (no trainable MLP weights); add MLP modules to "
+            "--lora-target-modules or drop --no-train-attention"
+        )
     return frozen

@@ -32,11 +32,15 @@ def check(choice: str, packing: bool, group_by_length: bool, dtype: str) -> None
     if choice != "flash_attention_2":
         return
     if importlib.util.find_spec("flash_attn") is None:
-        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); or use sdpa")
+        raise UsageError(
+            "--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); or use sdpa"
+        )
     if not torch.cuda.is_available():
         raise UsageError("--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa on CPU/MPS")
     if dtype == "float32":
-        raise UsageError("flash_attention_2 runs in bfloat16/float16; use --dtype bfloat16 or --attn-implementation sdpa")
+        raise UsageError(
+            "flash_attention_2 runs in bfloat16/float16; use --dtype bfloat16 or --attn-implementation sdpa"
+        )
 
 
 def configure(model, choice: str, packing: bool, device: torch.device) -> str:
@@ -50,7 +54,9 @@ def configure(model, choice: str, packing: bool, device: torch.device) -> str:
             base.set_attn_implementation(wanted)
         except (ValueError, ImportError) as err:
             first = str(err).splitlines()[0][:200]
-            raise UsageError(f"--attn-implementation {wanted}: {type(base).__name__} refuses it ({first}); use sdpa or eager") from err
+            raise UsageError(
+                f"--attn-implementation {wanted}: {type(base).__name__} refuses it ({first}); use sdpa or eager"
+            ) from err
     if packing:
         check_packing(base)
     used = base.config._attn_implementation
@@ -61,5 +67,7 @@ def configure(model, choice: str, packing: bool, device: torch.device) -> str:
 def check_packing(model) -> None:
     """Packing needs a model whose masks come from `position_ids` restarts (transformers' attention interface)."""
     if not getattr(type(model), "_supports_attention_backend", False):
-        raise UsageError(f"--packing: {type(model).__name__} does not build its attention mask from position_ids, so packed "
-                         "examples would attend to each other; use --group-by-length instead")
+        raise UsageError(
+            f"--packing: {type(model).__name__} does not build its attention mask from position_ids, so packed "
+            "examples would attend to each other; use --group-by-length instead"
+        )

@@ -22,7 +22,9 @@ def push_folder(folder: Path, repo_id: str | None, private: bool = False, api=No
         api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload with fnscale")
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload with fnscale"
+        )
     except Exception as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         if token:

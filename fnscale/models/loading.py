@@ -72,8 +72,15 @@ class PrecisionPlan:
     compute: torch.dtype
 
 
-def precision_plan(precision: str, dtype: str, device_type: str, bf16_supported: bool = True, lora: bool = False,
-                   quantized: bool = False, launch_mixed: str | None = None) -> PrecisionPlan:
+def precision_plan(
+    precision: str,
+    dtype: str,
+    device_type: str,
+    bf16_supported: bool = True,
+    lora: bool = False,
+    quantized: bool = False,
+    launch_mixed: str | None = None,
+) -> PrecisionPlan:
     """--precision and --dtype resolved for a device: a pure function, so every combination can be tested on CPU.
 
     `auto` follows --dtype: bfloat16 -> bf16-mixed, float16 -> fp16-mixed, float32 -> fp32, auto -> bf16-mixed on
@@ -95,8 +102,10 @@ def precision_plan(precision: str, dtype: str, device_type: str, bf16_supported:
         else:
             name = "fp32"
     if name == "fp16-mixed" and device_type == "cpu":
-        raise UsageError("fp16 training needs a GPU (Accelerate runs no fp16 autocast or GradScaler on the CPU); "
-                         "use --dtype bfloat16 or float32 on the CPU")
+        raise UsageError(
+            "fp16 training needs a GPU (Accelerate runs no fp16 autocast or GradScaler on the CPU); "
+            "use --dtype bfloat16 or float32 on the CPU"
+        )
     if name.startswith("bf16") and device_type == "cuda" and not bf16_supported:
         raise UsageError(f"--precision {name}: this GPU does not support bfloat16; use fp16-mixed")
     half = _HALF.get(name[:4], torch.float32)
@@ -143,7 +152,9 @@ def _check_gguf_architecture(path: Path) -> None:
         raise UsageError(f"{path} is not a readable GGUF file ({str(err).splitlines()[0][:120]})") from err
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     if arch not in supported:
-        raise UsageError(f"GGUF file {path.name} has architecture {arch!r}, which transformers cannot load; supported: {', '.join(supported)}")
+        raise UsageError(
+            f"GGUF file {path.name} has architecture {arch!r}, which transformers cannot load; supported: {', '.join(supported)}"
+        )
 
 
 @dataclass
@@ -191,7 +202,9 @@ def _hub_file(repo_id: str, filename: str) -> str:
     try:
         return hf_hub_download(repo_id, filename, token=hf_token())
     except Exception as err:  # offline, missing repo or file
-        raise UsageError(f"cannot fetch {filename} from {repo_id}: {type(err).__name__} (offline or wrong name?); pass a local path instead") from err
+        raise UsageError(
+            f"cannot fetch {filename} from {repo_id}: {type(err).__name__} (offline or wrong name?); pass a local path instead"
+        ) from err
 
 
 def hf_token() -> str | None:
@@ -231,7 +244,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     except OSError as err:
         raise _hub_error(source.display_name, err) from err
     except ValueError as err:
-        raise UsageError(f"cannot load the tokenizer of {source.display_name}: {str(err).splitlines()[0][:200]}") from err
+        raise UsageError(
+            f"cannot load the tokenizer of {source.display_name}: {str(err).splitlines()[0][:200]}"
+        ) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
@@ -245,7 +260,9 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, device: torch.de
     if load_in_4bit and load_in_8bit:
         raise UsageError("choose one of --load-in-4bit and --load-in-8bit")
     if device.type not in ("cuda", "cpu", "xpu"):
-        raise UsageError(f"bitsandbytes does not support {device.type}; drop --load-in-4bit/--load-in-8bit or train on CUDA or CPU")
+        raise UsageError(
+            f"bitsandbytes does not support {device.type}; drop --load-in-4bit/--load-in-8bit or train on CUDA or CPU"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--load-in-4bit/--load-in-8bit need bitsandbytes; run `pip install bitsandbytes`")
     from transformers import BitsAndBytesConfig
@@ -262,7 +279,14 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, device: torch.de
     )
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, quant=None, trust_remote_code: bool = False, device_map=None, placement: dict | None = None):
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    quant=None,
+    trust_remote_code: bool = False,
+    device_map=None,
+    placement: dict | None = None,
+):
     """`placement`: from_pretrained keywords of a model split over devices (fnscale.models.placement), or None."""
     from transformers import AutoModelForCausalLM
 
@@ -278,7 +302,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, quant=None, trust_remote
     except ValueError as err:
         first = str(err).splitlines()[0][:240]
         if "trust_remote_code" in str(err):
-            raise UsageError(f"{source.display_name} needs custom code; rerun with --trust-remote-code if you trust it") from err
+            raise UsageError(
+                f"{source.display_name} needs custom code; rerun with --trust-remote-code if you trust it"
+            ) from err
         raise UsageError(f"cannot load model {source.display_name}: {first}") from err
     return model
 
@@ -290,7 +316,9 @@ def lora_targets(model, requested: list[str] | None) -> list[str]:
         missing = [t for t in requested if t not in names]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-            raise UsageError(f"LoRA target modules {missing} not found in {type(model).__name__}; available: {','.join(linear)}")
+            raise UsageError(
+                f"LoRA target modules {missing} not found in {type(model).__name__}; available: {','.join(linear)}"
+            )
         return list(requested)
     model_type = getattr(model.config, "model_type", "")
     candidates = LORA_TARGETS.get(model_type, LLAMA_LIKE_TARGETS)
@@ -304,7 +332,15 @@ def _is_linear(module) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | None, quantized: bool, gradient_checkpointing: bool = False):
+def add_lora(
+    model,
+    r: int,
+    alpha: int,
+    dropout: float,
+    targets: list[str] | None,
+    quantized: bool,
+    gradient_checkpointing: bool = False,
+):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:

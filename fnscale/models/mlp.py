@@ -173,4 +173,3 @@ def find_mlp_layers(model: nn.Module) -> list[MLPLayer]:
             kind, act = "gpt2", _act_name(mlp.act)
         layers.append(MLPLayer(mlp, down, kind, act, index, width, hidden, ups, mlp is block))
     return layers
-

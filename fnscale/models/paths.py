@@ -89,8 +89,10 @@ def check_hub_model(model: str | None, gguf_file: str | None = None, timeout_s: 
         return
     reason = "HF_HUB_OFFLINE is set" if huggingface_hub.is_offline_mode() else _hub_unreachable(timeout_s)
     if reason:
-        raise UsageError(f"cannot load model {model!r}: it is not a local folder, not in the Hugging Face cache, and the hub "
-                         f"is unreachable ({reason}); pass a local folder or .gguf file, or download it once while online")
+        raise UsageError(
+            f"cannot load model {model!r}: it is not a local folder, not in the Hugging Face cache, and the hub "
+            f"is unreachable ({reason}); pass a local folder or .gguf file, or download it once while online"
+        )
 
 
 def _hub_unreachable(timeout_s: float) -> str | None:

@@ -26,7 +26,9 @@ def _device_key(key) -> int | str:
         return int(text)
     if text in _NAMED:
         return text
-    raise UsageError(f"--max-memory: unknown device {key!r}; use a GPU index (0, 1, ...), cpu, mps or disk, e.g. 0=20GiB,cpu=64GiB")
+    raise UsageError(
+        f"--max-memory: unknown device {key!r}; use a GPU index (0, 1, ...), cpu, mps or disk, e.g. 0=20GiB,cpu=64GiB"
+    )
 
 
 def _size(device, value) -> int | str:
@@ -35,7 +37,9 @@ def _size(device, value) -> int | str:
     try:
         convert_file_size_to_int(value)
     except (ValueError, TypeError):
-        raise UsageError(f"--max-memory: bad size {value!r} for {device}; use bytes or a number with a unit, e.g. 20GiB or 500MB") from None
+        raise UsageError(
+            f"--max-memory: bad size {value!r} for {device}; use bytes or a number with a unit, e.g. 20GiB or 500MB"
+        ) from None
     return value
 
 
@@ -48,14 +52,18 @@ def parse_max_memory(spec: str | None) -> dict[int | str, int | str] | None:
 
         raw = read_yaml(spec, "--max-memory file")
         if not isinstance(raw, dict) or not raw:
-            raise UsageError(f"--max-memory file {spec} must hold a mapping of device: size, e.g. {{0: 20GiB, cpu: 64GiB}}")
+            raise UsageError(
+                f"--max-memory file {spec} must hold a mapping of device: size, e.g. {{0: 20GiB, cpu: 64GiB}}"
+            )
         pairs = list(raw.items())
     else:
         pairs = []
         for part in str(spec).split(","):
             key, sep, value = part.partition("=")
             if not sep or not key.strip() or not value.strip():
-                raise UsageError(f"--max-memory: bad entry {part.strip()!r}; use DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GiB")
+                raise UsageError(
+                    f"--max-memory: bad entry {part.strip()!r}; use DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GiB"
+                )
             pairs.append((key, value.strip()))
     out: dict[int | str, int | str] = {}
     for key, value in pairs:
@@ -75,8 +83,10 @@ def placement(device_map: str | None, max_memory: str | None, offload_folder: st
     if device_map not in DEVICE_MAPS:
         raise UsageError(f"unknown --device-map {device_map!r}; use auto")
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UsageError("--device-map auto splits one model copy over this node's devices in one process; run it without "
-                         "`accelerate launch` (for several processes use a ZeRO-3 launch config instead)")
+        raise UsageError(
+            "--device-map auto splits one model copy over this node's devices in one process; run it without "
+            "`accelerate launch` (for several processes use a ZeRO-3 launch config instead)"
+        )
     kwargs: dict = {"device_map": device_map}
     memory = parse_max_memory(max_memory)
     if memory is not None:

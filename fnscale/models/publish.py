@@ -42,8 +42,11 @@ def describe_base(model: str | None, gguf_file: str | None = None) -> BaseModel:
     """The base of `--model/--gguf-file`: a hub id, the embedded default's hub id, or a GGUF/local name."""
     if not model or model == DEFAULT_MODEL:
         package = DEFAULT_PACKAGE.replace("_", "-")
-        return BaseModel(DEFAULT_HUB_ID, DEFAULT_HUB_ID, f"dequantized from the Q4_1 GGUF ({DEFAULT_GGUF}) of the {package} "
-                         "package, not the original bf16 weights")
+        return BaseModel(
+            DEFAULT_HUB_ID,
+            DEFAULT_HUB_ID,
+            f"dequantized from the Q4_1 GGUF ({DEFAULT_GGUF}) of the {package} package, not the original bf16 weights",
+        )
     path = Path(model).expanduser()
     if model.endswith(".gguf") or gguf_file:
         file = Path(gguf_file or model).name
@@ -68,12 +71,16 @@ def sha256(path: str | Path) -> str:
 
 def describe_data(cfg: TrainConfig) -> dict:
     """The run's training, validation and retention data by the names the user gave (the bundled data by its file)."""
-    train = ["fnscale/sample_data/default_sft.jsonl (bundled)" if spec.name == DEFAULT_DATASET else spec.name
-             for spec in expand_specs(cfg.dataset or None)]  # a tuple from the CLI, a string from a YAML config
+    train = [
+        "fnscale/sample_data/default_sft.jsonl (bundled)" if spec.name == DEFAULT_DATASET else spec.name
+        for spec in expand_specs(cfg.dataset or None)
+    ]  # a tuple from the CLI, a string from a YAML config
     if cfg.validation_dataset:
         validation = cfg.validation_dataset
     else:
-        validation = f"{cfg.validation_split:g} of each training dataset, held out" if cfg.validation_split > 0 else None
+        validation = (
+            f"{cfg.validation_split:g} of each training dataset, held out" if cfg.validation_split > 0 else None
+        )
     retention = [cfg.eval_retention] if isinstance(cfg.eval_retention, str) else list(cfg.eval_retention)
     return {"train": train, "validation": validation, "retention": retention}
 
@@ -82,7 +89,11 @@ def networks_file(cfg: TrainConfig) -> Path | None:
     """The networks the run was masked with: --ica-template-path, or those it computed into OUTPUT/templates/."""
     if cfg.mask_mode == "none":
         return None
-    path = Path(cfg.ica_template_path) if cfg.ica_template_path else Path(cfg.output_dir) / "templates" / "global_templates.json"
+    path = (
+        Path(cfg.ica_template_path)
+        if cfg.ica_template_path
+        else Path(cfg.output_dir) / "templates" / "global_templates.json"
+    )
     return path if path.is_file() else None
 
 
@@ -101,7 +112,10 @@ def masked_per_layer(output_dir: str | Path) -> dict[int, int]:
 
 def name_base(folder: Path, base: BaseModel) -> None:
     """Point adapter_config.json and config.json of a saved model at the base's published name."""
-    for file, keys in (("adapter_config.json", ("base_model_name_or_path",)), ("config.json", ("_name_or_path", "_model_name_or_path"))):
+    for file, keys in (
+        ("adapter_config.json", ("base_model_name_or_path",)),
+        ("config.json", ("_name_or_path", "_model_name_or_path")),
+    ):
         path = folder / file
         if not path.is_file():
             continue
@@ -119,7 +133,8 @@ def publish_run(cfg: TrainConfig, summary: dict) -> None:
     summary["base_model"], summary["data"] = base.name, data
     networks = networks_file(cfg)
     facts = {
-        "networks": networks, "networks_sha256": sha256(networks) if networks else None,
+        "networks": networks,
+        "networks_sha256": sha256(networks) if networks else None,
         "masked": masked_per_layer(cfg.output_dir) if networks else {},
     }
     for kind in ("final", "merged"):
@@ -130,7 +145,10 @@ def publish_run(cfg: TrainConfig, summary: dict) -> None:
         if networks is not None:
             with atomic_path(folder / NETWORKS_COPY, suffix=".json") as tmp:
                 shutil.copyfile(networks, tmp)
-        write_text(folder / "README.md", model_card(cfg, summary, base, data, facts, adapter=(folder / "adapter_config.json").is_file()))
+        write_text(
+            folder / "README.md",
+            model_card(cfg, summary, base, data, facts, adapter=(folder / "adapter_config.json").is_file()),
+        )
 
 
 # ---------------------------------------------------------------- the card
@@ -147,26 +165,38 @@ def _card_header(base: BaseModel, cfg: TrainConfig, adapter: bool) -> str:
 
 
 def _method(cfg: TrainConfig, adapter: bool) -> list[str]:
-    kind = (f"LoRA (r {cfg.lora_r}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}"
-            f"{', targets ' + cfg.lora_target_modules if cfg.lora_target_modules else ''})" if cfg.lora else "full fine-tuning")
+    kind = (
+        f"LoRA (r {cfg.lora_r}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}"
+        f"{', targets ' + cfg.lora_target_modules if cfg.lora_target_modules else ''})"
+        if cfg.lora
+        else "full fine-tuning"
+    )
     if cfg.lora and (cfg.load_in_4bit or cfg.load_in_8bit):
         kind = f"QLoRA ({'4' if cfg.load_in_4bit else '8'}-bit base), " + kind
     steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_epochs:g} epochs"
     rows = [
         ("kind", kind + ("" if adapter or not cfg.lora else "; this folder holds the adapter merged into the base")),
-        ("optimisation", f"AdamW, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), "
-                         f"weight decay {cfg.weight_decay:g}, {steps} of batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} "
-                         f"accumulation per process, max {cfg.max_seq_length} tokens, seed {cfg.seed}"),
+        (
+            "optimisation",
+            f"AdamW, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), "
+            f"weight decay {cfg.weight_decay:g}, {steps} of batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} "
+            f"accumulation per process, max {cfg.max_seq_length} tokens, seed {cfg.seed}",
+        ),
     ]
     if cfg.mask_mode == "none":
         rows.append(("masking", "none: every trained weight could change"))
     else:
         effect = cfg.mask_effect or "update"
-        what = {("lesion", "update"): "the chosen networks' neurons are frozen (their weights stay bit-identical to the base's), "
-                                       "the rest trains",
-                ("preserve", "update"): "only the chosen networks' MLP neurons train (other MLP neurons frozen)",
-                ("lesion", "forward"): "the chosen networks' activations were zeroed during training only",
-                ("preserve", "forward"): "only the chosen networks' activations were kept during training"}[(cfg.mask_mode, effect)]
+        what = {
+            (
+                "lesion",
+                "update",
+            ): "the chosen networks' neurons are frozen (their weights stay bit-identical to the base's), "
+            "the rest trains",
+            ("preserve", "update"): "only the chosen networks' MLP neurons train (other MLP neurons frozen)",
+            ("lesion", "forward"): "the chosen networks' activations were zeroed during training only",
+            ("preserve", "forward"): "only the chosen networks' activations were kept during training",
+        }[(cfg.mask_mode, effect)]
         control = ""
         if cfg.mask_control == "random":
             seed = cfg.mask_control_seed if cfg.mask_control_seed is not None else cfg.seed
@@ -185,9 +215,14 @@ def model_card(cfg: TrainConfig, summary: dict, base: BaseModel, data: dict, fac
     method = "LoRA" if cfg.lora else "full fine-tuning"
     method += f", {cfg.mask_mode}-{cfg.mask_effect or 'update'}" if cfg.mask_mode != "none" else ""
     title = cfg.hub_repo_id or f"{base.name.split('/')[-1]}, fine-tuned with fnscale ({method})"
-    lines = [_card_header(base, cfg, adapter), f"# {title}", "",
-             f"{'A LoRA adapter for' if adapter else 'A fine-tune of'} {hub}, trained with "
-             f"fnscale {__version__} (functional-network selective fine-tuning).", ""]
+    lines = [
+        _card_header(base, cfg, adapter),
+        f"# {title}",
+        "",
+        f"{'A LoRA adapter for' if adapter else 'A fine-tune of'} {hub}, trained with "
+        f"fnscale {__version__} (functional-network selective fine-tuning).",
+        "",
+    ]
     if base.note:
         lines += [f"Base weights: {base.note}.", ""]
     lines += ["## Data", ""]
@@ -203,21 +238,38 @@ def model_card(cfg: TrainConfig, summary: dict, base: BaseModel, data: dict, fac
     lines += _eval_section(summary)
     lines += ["## Use", "", "```python"]
     if adapter:
-        lines += ["from peft import AutoPeftModelForCausalLM", "", 'model = AutoPeftModelForCausalLM.from_pretrained("PATH_OR_REPO")']
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            'model = AutoPeftModelForCausalLM.from_pretrained("PATH_OR_REPO")',
+        ]
     else:
-        lines += ["from transformers import AutoModelForCausalLM", "", 'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")']
+        lines += [
+            "from transformers import AutoModelForCausalLM",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")',
+        ]
     lines += ["```", ""]
     return "\n".join(lines)
 
 
 def _networks_section(facts: dict) -> list[str]:
-    lines = ["## Functional networks", "",
-             f"`{NETWORKS_COPY}` in this folder: a copy of `{Path(facts['networks']).name}` (sha256 `{facts['networks_sha256']}`).", ""]
+    lines = [
+        "## Functional networks",
+        "",
+        f"`{NETWORKS_COPY}` in this folder: a copy of `{Path(facts['networks']).name}` (sha256 `{facts['networks_sha256']}`).",
+        "",
+    ]
     masked = facts["masked"]
     if masked:
-        lines += [f"Masked neurons per layer ({sum(masked.values()):,} in all):", "",
-                  "| layer | " + " | ".join(str(k) for k in masked) + " |", "|---" * (len(masked) + 1) + "|",
-                  "| neurons | " + " | ".join(str(v) for v in masked.values()) + " |", ""]
+        lines += [
+            f"Masked neurons per layer ({sum(masked.values()):,} in all):",
+            "",
+            "| layer | " + " | ".join(str(k) for k in masked) + " |",
+            "|---" * (len(masked) + 1) + "|",
+            "| neurons | " + " | ".join(str(v) for v in masked.values()) + " |",
+            "",
+        ]
     return lines
 
 

@@ -81,7 +81,12 @@ def plan_cache(budget, n_tokens: int, n_neurons: int, passes_after_first: int) -
     use = 0 < need <= allowed
     log.info(
         "activation cache: %s (%d tokens x %d neurons fp16 = %.2f GB, allowed %.2f GB: %s)%s",
-        "on, 1 forward pass" if use else "off, streaming", n_tokens, n_neurons, need / 2**30, allowed / 2**30, why,
+        "on, 1 forward pass" if use else "off, streaming",
+        n_tokens,
+        n_neurons,
+        need / 2**30,
+        allowed / 2**30,
+        why,
         "" if use else f"; {1 + passes_after_first} forward passes",
     )
     return use

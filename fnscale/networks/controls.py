@@ -21,7 +21,10 @@ def random_like(neurons_by_layer: Mapping[int, np.ndarray], width: int, seed: in
 
 
 def _draw(rng: np.random.Generator, neurons_by_layer: Mapping[int, np.ndarray], width: int) -> dict[int, np.ndarray]:
-    return {layer: np.sort(rng.choice(width, size=len(neurons), replace=False)) for layer, neurons in sorted(neurons_by_layer.items())}
+    return {
+        layer: np.sort(rng.choice(width, size=len(neurons), replace=False))
+        for layer, neurons in sorted(neurons_by_layer.items())
+    }
 
 
 def random_templates(like: Templates, seed: int) -> Templates:
@@ -29,5 +32,12 @@ def random_templates(like: Templates, seed: int) -> Templates:
     rng = np.random.default_rng(seed)
     components = {c: _draw(rng, by_layer, like.neurons_per_layer) for c, by_layer in sorted(like.components.items())}
     name = f"random control of {like.name or like.model or 'templates'} (seed {seed})"
-    return dataclasses.replace(like, components=components, loadings=None, name=name, control={"kind": "random", "seed": int(seed)},
-                               selection=None, ranking=None)  # like's ranking measured like's neurons, not these
+    return dataclasses.replace(
+        like,
+        components=components,
+        loadings=None,
+        name=name,
+        control={"kind": "random", "seed": int(seed)},
+        selection=None,
+        ranking=None,
+    )  # like's ranking measured like's neurons, not these

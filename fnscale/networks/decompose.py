@@ -296,8 +296,11 @@ class StreamingDecomposer:
             kind=self.kind,
             percentile=self.percentile,
             converged=ica.converged_,
-            extra={"ica_n_iter": ica.n_iter_, "pca_singular_values": st.singular_values_[:k],
-                   "backend": self.pca_.backend_},
+            extra={
+                "ica_n_iter": ica.n_iter_,
+                "pca_singular_values": st.singular_values_[:k],
+                "backend": self.pca_.backend_,
+            },
         )
 
 

@@ -60,8 +60,7 @@ def fast_ica(
     lam, E = lam[::-1][:k], E[:, ::-1][:, :k]
     if lam[-1] <= lam[0] * 1e-12:
         raise UsageError(
-            f"the data have fewer than {k} independent directions; lower n_components "
-            "or capture more varied text"
+            f"the data have fewer than {k} independent directions; lower n_components or capture more varied text"
         )
     K = E / np.sqrt(lam)  # features x k whitening
     W, n_iter, converged = _rotate(Xc @ K, seed, max_iter, tol)

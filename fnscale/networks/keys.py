@@ -47,8 +47,17 @@ def draw_seed(seed: int, component: int, draw: int) -> int:
 
 
 @torch.no_grad()
-def rank_components(model, batches: list[dict], templates: Templates, ids: Iterable[int], *, draws: int = 3, seed: int = 0,
-                    device=None, progress: bool = True) -> dict:
+def rank_components(
+    model,
+    batches: list[dict],
+    templates: Templates,
+    ids: Iterable[int],
+    *,
+    draws: int = 3,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+) -> dict:
     """The `ranking` a networks file records: base loss, and per component (most harmful lesion first) its neurons,
     lesioned loss, rise, the mean (and sd) rise of `draws` size-matched random lesions, and their ratio (None when
     the random rise is not positive)."""
@@ -62,14 +71,29 @@ def rank_components(model, batches: list[dict], templates: Templates, ids: Itera
         for c in tqdm(list(ids), desc="lesioning components", disable=not progress, leave=False):
             neurons = templates.component_neurons([c])
             rise = lesioned_loss(model, batches, neurons, templates.site, device) - base
-            randoms = [lesioned_loss(model, batches, random_like(neurons, templates.neurons_per_layer, draw_seed(seed, c, r)),
-                                     templates.site, device) - base for r in range(draws)]
+            randoms = [
+                lesioned_loss(
+                    model,
+                    batches,
+                    random_like(neurons, templates.neurons_per_layer, draw_seed(seed, c, r)),
+                    templates.site,
+                    device,
+                )
+                - base
+                for r in range(draws)
+            ]
             random_rise = float(np.mean(randoms))
-            rows.append({
-                "id": int(c), "neurons": int(sum(v.size for v in neurons.values())), "loss": base + rise, "rise": rise,
-                "random_rise": random_rise, "random_rise_sd": float(np.std(randoms, ddof=1)) if draws > 1 else None,
-                "ratio": rise / random_rise if random_rise > 0 else None,
-            })
+            rows.append(
+                {
+                    "id": int(c),
+                    "neurons": int(sum(v.size for v in neurons.values())),
+                    "loss": base + rise,
+                    "rise": rise,
+                    "random_rise": random_rise,
+                    "random_rise_sd": float(np.std(randoms, ddof=1)) if draws > 1 else None,
+                    "ratio": rise / random_rise if random_rise > 0 else None,
+                }
+            )
     finally:
         model.train(was_training)
     rows.sort(key=lambda r: -r["rise"])  # stable: equal rises keep id order

@@ -54,6 +54,7 @@ def layer_counts(like: Templates, ids: Iterable[int] | None = None, share: float
 
 # ---------------------------------------------------------------- choosing
 
+
 def top_neurons(scores: Mapping[int, np.ndarray], counts: Mapping[int, int]) -> dict[int, np.ndarray]:
     """Per layer, the `counts[layer]` neurons of highest score (ties: lower index first), sorted by index."""
     out = {}
@@ -82,6 +83,7 @@ def site_hooks(model, site: str, layers: Iterable[int], fn: Callable[[int, torch
         def hook(module, args):
             out = fn(layer, args[0])
             return None if out is None else (out, *args[1:])
+
         return hook
 
     def post(layer):
@@ -91,13 +93,17 @@ def site_hooks(model, site: str, layers: Iterable[int], fn: Callable[[int, torch
             if out is None:
                 return None
             return (out, *output[1:]) if isinstance(output, tuple) else out
+
         return hook
 
     try:
         for layer in layers:
             mlp = mlps[layer]
-            handles.append(mlp.down.register_forward_pre_hook(pre(layer)) if site == "intermediate"
-                           else mlp.mlp.register_forward_hook(post(layer)))
+            handles.append(
+                mlp.down.register_forward_pre_hook(pre(layer))
+                if site == "intermediate"
+                else mlp.mlp.register_forward_hook(post(layer))
+            )
         yield
     finally:
         for h in handles:
@@ -170,7 +176,11 @@ def fisher_scores(model, batches: Iterable[dict], site: str, layers: list[int], 
                 grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
             n_examples += ids.shape[0]
             for layer, g in zip(layers, grads):
-                sq = torch.zeros(gates[layer].shape[-1], dtype=torch.float64) if g is None else g.float().square().sum((0, 1)).double().cpu()
+                sq = (
+                    torch.zeros(gates[layer].shape[-1], dtype=torch.float64)
+                    if g is None
+                    else g.float().square().sum((0, 1)).double().cpu()
+                )
                 sums[layer] = sums[layer] + sq if layer in sums else sq
     if not n_examples:
         raise UsageError("the data has no examples to score; check --data")
@@ -185,7 +195,15 @@ def selection_templates(like: Templates, neurons: Mapping[int, np.ndarray], how:
     is recorded in the file as `selection`. Other keyword arguments are metadata (model, datasets, token_counts)."""
     meta.setdefault("model", like.model)
     return Templates(
-        layers=like.layers, neurons_per_layer=like.neurons_per_layer, components={0: {l: v for l, v in neurons.items() if len(v)}},
-        site=like.site, scope="global", n_components=1, kind=how["by"], num_layers=like.num_layers,
-        name=f"{how['by']} selection like {like.name or like.model or 'networks'}", selection=how, **meta,
+        layers=like.layers,
+        neurons_per_layer=like.neurons_per_layer,
+        components={0: {l: v for l, v in neurons.items() if len(v)}},
+        site=like.site,
+        scope="global",
+        n_components=1,
+        kind=how["by"],
+        num_layers=like.num_layers,
+        name=f"{how['by']} selection like {like.name or like.model or 'networks'}",
+        selection=how,
+        **meta,
     )

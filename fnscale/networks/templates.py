@@ -62,7 +62,9 @@ class Templates:
     name: str | None = None
     source_format: str = "fnscale"
     control: dict | None = None  # set on random controls: {"kind": "random", "seed": S}
-    selection: dict | None = None  # set by `templates select`: how the neurons were chosen (selector, data, counts, seed)
+    selection: dict | None = (
+        None  # set by `templates select`: how the neurons were chosen (selector, data, counts, seed)
+    )
     ranking: dict | None = None  # set by `templates rank`: loss rise per lesioned component (see fnscale.networks.keys)
 
     def __post_init__(self) -> None:
@@ -70,7 +72,10 @@ class Templates:
         self.neurons_per_layer = int(self.neurons_per_layer)
         self.components = {int(c): {int(l): _idx(v) for l, v in m.items()} for c, m in self.components.items()}
         if self.loadings is not None:
-            self.loadings = {int(c): {int(l): np.asarray(v, dtype=np.float64) for l, v in m.items()} for c, m in self.loadings.items()}
+            self.loadings = {
+                int(c): {int(l): np.asarray(v, dtype=np.float64) for l, v in m.items()}
+                for c, m in self.loadings.items()
+            }
         if self.n_components is None:
             self.n_components = len(self.components)
         self._validate()
@@ -81,19 +86,32 @@ class Templates:
         if self.scope not in SCOPES:
             raise UsageError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
         if self.neurons_per_layer < 1 or not self.layers or len(set(self.layers)) != len(self.layers):
-            raise UsageError(f"templates need >= 1 neuron per layer and a non-empty list of distinct layers, got {self.neurons_per_layer} and {self.layers}")
+            raise UsageError(
+                f"templates need >= 1 neuron per layer and a non-empty list of distinct layers, got {self.neurons_per_layer} and {self.layers}"
+            )
         if min(self.layers) < 0 or (self.num_layers is not None and max(self.layers) >= self.num_layers):
             raise UsageError(f"layer indices {self.layers} do not fit a model of {self.num_layers} layers")
         known = set(self.layers)
         for c, per_layer in self.components.items():
             for layer, idx in per_layer.items():
                 if layer not in known:
-                    raise UsageError(f"component {c} names layer {layer}, which is not among the captured layers {self.layers}")
+                    raise UsageError(
+                        f"component {c} names layer {layer}, which is not among the captured layers {self.layers}"
+                    )
                 bad = idx[(idx < 0) | (idx >= self.neurons_per_layer)]
                 if bad.size:
-                    raise UsageError(f"component {c}, layer {layer} has neuron {int(bad[0])} outside 0..{self.neurons_per_layer - 1}")
-                if self.loadings is not None and c in self.loadings and layer in self.loadings[c] and self.loadings[c][layer].shape != idx.shape:
-                    raise UsageError(f"component {c}, layer {layer}: {self.loadings[c][layer].size} loadings for {idx.size} neurons")
+                    raise UsageError(
+                        f"component {c}, layer {layer} has neuron {int(bad[0])} outside 0..{self.neurons_per_layer - 1}"
+                    )
+                if (
+                    self.loadings is not None
+                    and c in self.loadings
+                    and layer in self.loadings[c]
+                    and self.loadings[c][layer].shape != idx.shape
+                ):
+                    raise UsageError(
+                        f"component {c}, layer {layer}: {self.loadings[c][layer].size} loadings for {idx.size} neurons"
+                    )
 
     # ------------------------------------------------------------------ construction
 
@@ -120,7 +138,9 @@ class Templates:
         for c, mask in enumerate(flat_masks):
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != (total,):
-                raise UsageError(f"mask {c} has {mask.size} entries, expected {len(layers)} layers x {width} neurons = {total}")
+                raise UsageError(
+                    f"mask {c} has {mask.size} entries, expected {len(layers)} layers x {width} neurons = {total}"
+                )
             flat = np.flatnonzero(mask)
             pos, neuron = np.divmod(flat, width)
             comps[c] = {layers[p]: neuron[pos == p] for p in np.unique(pos)}
@@ -130,12 +150,16 @@ class Templates:
         return cls(layers=layers, neurons_per_layer=width, components=comps, loadings=loads, **meta)
 
     @classmethod
-    def from_decomposition(cls, dec, layers: Sequence[int], neurons_per_layer: int, *, with_loadings: bool = True, **meta) -> Templates:
+    def from_decomposition(
+        cls, dec, layers: Sequence[int], neurons_per_layer: int, *, with_loadings: bool = True, **meta
+    ) -> Templates:
         """Templates from a `Decomposition` (global scope): its masks, percentile, kind, token count."""
         meta.setdefault("percentile", dec.percentile)
         meta.setdefault("kind", dec.kind)
         meta.setdefault("token_counts", {"total": int(dec.n_tokens)})
-        return cls.from_masks(dec.masks, layers, neurons_per_layer, mixing=dec.mixing if with_loadings else None, **meta)
+        return cls.from_masks(
+            dec.masks, layers, neurons_per_layer, mixing=dec.mixing if with_loadings else None, **meta
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -144,7 +168,9 @@ class Templates:
         for c in sorted(self.components):
             entry = {"id": c, "neurons": {str(l): self.components[c][l].tolist() for l in sorted(self.components[c])}}
             if self.loadings is not None and c in self.loadings:
-                entry["loadings"] = {str(l): [round(float(x), 6) for x in v] for l, v in sorted(self.loadings[c].items())}
+                entry["loadings"] = {
+                    str(l): [round(float(x), 6) for x in v] for l, v in sorted(self.loadings[c].items())
+                }
             comps.append(entry)
         return {
             "format": FORMAT,
@@ -186,7 +212,9 @@ class Templates:
         """Read an fnscale template or a FunctionalNetworksSFT global_templates.json (auto-detected)."""
         path = Path(path)
         if not path.is_file():
-            raise UsageError(f"template file {path} not found; fix the path or build one with `fnscale templates build`")
+            raise UsageError(
+                f"template file {path} not found; fix the path or build one with `fnscale templates build`"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
@@ -292,11 +320,15 @@ class Templates:
     def check_compatible(self, num_layers: int, neurons_per_layer: int, site: str | None = None) -> None:
         """Refuse a model this template was not built for (layer count, width, capture site)."""
         if site is not None and site != self.site:
-            raise UsageError(f"template was built at the {self.site!r} site, not {site!r}; use --site {self.site} or rebuild with `fnscale templates build`")
+            raise UsageError(
+                f"template was built at the {self.site!r} site, not {site!r}; use --site {self.site} or rebuild with `fnscale templates build`"
+            )
         fits_layers = max(self.layers) < num_layers if self.num_layers is None else self.num_layers == num_layers
         if not fits_layers or int(neurons_per_layer) != self.neurons_per_layer:
             built = (
-                f"{self.num_layers} layers" if self.num_layers is not None else f"layers {min(self.layers)}-{max(self.layers)}"
+                f"{self.num_layers} layers"
+                if self.num_layers is not None
+                else f"layers {min(self.layers)}-{max(self.layers)}"
             )
             raise UsageError(
                 f"template was built for {built} × {self.neurons_per_layer} neurons ({self.site}), "

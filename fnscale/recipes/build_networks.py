@@ -126,8 +126,9 @@ def _input_device(model, accelerator) -> torch.device:
     return weight.device
 
 
-def _per_layer_templates(results, captured: list[int], width: int, *, percentile: float, kind: str,
-                         **meta) -> Templates:
+def _per_layer_templates(
+    results, captured: list[int], width: int, *, percentile: float, kind: str, **meta
+) -> Templates:
     """scope=layer: one decomposition per layer; its components are numbered on after the previous layer's."""
     comps, loads, total = {}, {}, 0
     for layer, res in zip(captured, results):
@@ -185,8 +186,9 @@ def build_templates(
         w = cap.width
         columns = [slice(None)] if scope == "global" else [slice(i * w, (i + 1) * w) for i in range(len(cap.layers))]
         # oversample 20 (not 10): the folded pass truncates under running standardisations, per rank
-        opts = dict(percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20,
-                    device=device)
+        opts = dict(
+            percentile=percentile, kind=kind, backend=backend, seed=seed, fold_stats=True, oversample=20, device=device
+        )
         parts = [_Part(StreamingDecomposer(n_components, **opts), cols) for cols in columns]
         keep = _plan_cache(cache_budget_gb, shard.samples, cap, parts[0].dec.n_passes - 1)
         # Pass 1: exact statistics and the PCA under a running standardisation, together; pass 2: projection.
@@ -210,7 +212,9 @@ def build_templates(
     return broadcast_from_main(result, accelerator)
 
 
-def tokenize_samples(tokenizer, sources: Sequence, samples_per_dataset: int, max_len: int, seed: int = 0, opts=None) -> tuple[list[list[int]], dict[str, int]]:
+def tokenize_samples(
+    tokenizer, sources: Sequence, samples_per_dataset: int, max_len: int, seed: int = 0, opts=None
+) -> tuple[list[list[int]], dict[str, int]]:
     """Up to N examples from each data source (a seeded choice), rendered like training prompts + responses."""
     ids, tokens, _ = data.sample_token_ids(tokenizer, sources, samples_per_dataset, max_len, seed, opts)
     return ids, tokens
@@ -225,28 +229,47 @@ def run_build(cfg: TemplatesBuildConfig) -> dict:
 
     if not 0 < cfg.percentile < 100:
         raise UsageError(f"--percentile {cfg.percentile} must be between 0 and 100 (exclusive)")
-    place = placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)  # --device-map auto: one process, split over devices
+    place = placement(
+        cfg.device_map, cfg.max_memory, cfg.offload_folder
+    )  # --device-map auto: one process, split over devices
     cache.parse_budget(cfg.cache_budget_gb)  # refuse a bad value before loading anything
     check_ddp_timeout(cfg.ddp_timeout)
     accelerator = make_accelerator(timeout_s=cfg.ddp_timeout)
     with accelerator.main_process_first():
         source = loading.resolve_model(cfg.model, cfg.gguf_file)
     tokenizer = loading.load_tokenizer(source, cfg.trust_remote_code)
-    model = loading.load_model(source, loading.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code, placement=place)
+    model = loading.load_model(
+        source, loading.resolve_dtype(cfg.dtype, accelerator.device), None, cfg.trust_remote_code, placement=place
+    )
     if place is not None:
         log.info("device map: %s", placement_summary(model))
     if place is None and zero_stage(accelerator) != 3:  # ZeRO-3: loaded partitioned, forwards gather (zero3_gathering)
         model = accelerator.prepare_model(model, evaluation_mode=True)
     layers = parse_layers(cfg.layers, len(find_mlp_layers(accelerator.unwrap_model(model))))
     sources = list(cfg.dataset) or [data.DEFAULT_DATASET]
-    opts = data.DataOptions(schema=cfg.schema, template=cfg.template, prompt_column=cfg.prompt_column, response_column=cfg.response_column)
+    opts = data.DataOptions(
+        schema=cfg.schema, template=cfg.template, prompt_column=cfg.prompt_column, response_column=cfg.response_column
+    )
     samples, counts = tokenize_samples(tokenizer, sources, cfg.samples_per_dataset, cfg.max_seq_length, cfg.seed, opts)
     with zero3_gathering(model, accelerator):
         templates = build_templates(
-            model, samples, n_components=cfg.components, percentile=cfg.percentile, site=cfg.site, layers=layers, scope=cfg.scope,
-            kind=cfg.ica_kind, backend=cfg.pca_backend, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
-            cache_budget_gb=cfg.cache_budget_gb, accelerator=accelerator, model_name=source.display_name,
-            datasets=list(cfg.dataset) or ["default"], token_counts=counts,
+            model,
+            samples,
+            n_components=cfg.components,
+            percentile=cfg.percentile,
+            site=cfg.site,
+            layers=layers,
+            scope=cfg.scope,
+            kind=cfg.ica_kind,
+            backend=cfg.pca_backend,
+            batch_size=cfg.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            seed=cfg.seed,
+            cache_budget_gb=cfg.cache_budget_gb,
+            accelerator=accelerator,
+            model_name=source.display_name,
+            datasets=list(cfg.dataset) or ["default"],
+            token_counts=counts,
         )
     paths = templates.save_folder(cfg.output) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()

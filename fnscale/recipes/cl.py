@@ -312,8 +312,9 @@ def finished(folder: Path, expected: dict) -> dict | None:
     """The stage's done-marker if made with the expected options; one made with others is refused, not mixed in."""
     done = read_done(folder)
     if done is not None and done.get("config") != expected:
-        raise UsageError(f"{folder} was made with other options than the sequence file now gives; "
-                         "remove it or pick another --output")
+        raise UsageError(
+            f"{folder} was made with other options than the sequence file now gives; remove it or pick another --output"
+        )
     return done
 
 

@@ -54,8 +54,9 @@ def pick(n_items: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, bar=None,
-                  max_new_tokens: int | None = None) -> dict:
+def greedy_scores(
+    model, tokenizer, items: list[dict], batch_size: int, device, bar=None, max_new_tokens: int | None = None
+) -> dict:
     """Greedy generations scored against the references.
 
     exact_match: whitespace-normalised decoded text equal (case-sensitive).
@@ -91,11 +92,18 @@ def greedy_scores(model, tokenizer, items: list[dict], batch_size: int, device, 
             ref_text = tokenizer.decode(ref, skip_special_tokens=True)
             gen_text = tokenizer.decode(gen, skip_special_tokens=True)
             exact += normalise(gen_text) == normalise(ref_text)
-            samples.append({"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": ref_text, "generation": gen_text})
+            samples.append(
+                {"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": ref_text, "generation": gen_text}
+            )
         if bar is not None:
             bar.update(1)
     model.train(was_training)
-    return {"exact_match": exact / len(pairs), "token_accuracy": matched / ref_tokens, "generated": len(pairs), "samples": samples}
+    return {
+        "exact_match": exact / len(pairs),
+        "token_accuracy": matched / ref_tokens,
+        "generated": len(pairs),
+        "samples": samples,
+    }
 
 
 # ---------------------------------------------------------------- continual learning
@@ -107,8 +115,14 @@ def load_sequence(path: str) -> list[dict]:
     raw = read_yaml(p, "--sequence file")
     if isinstance(raw, dict):
         raw = raw.get("sequence")
-    if not isinstance(raw, list) or not raw or not all(isinstance(e, dict) and "task" in e and "checkpoint" in e for e in raw):
-        raise UsageError(f"{path}: expected a non-empty list of {{task: DATA, checkpoint: DIR}} entries in training order")
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(e, dict) and "task" in e and "checkpoint" in e for e in raw)
+    ):
+        raise UsageError(
+            f"{path}: expected a non-empty list of {{task: DATA, checkpoint: DIR}} entries in training order"
+        )
 
     def local(value: str) -> str:
         rel = p.parent / str(value)
@@ -147,12 +161,16 @@ def checkpoint_kind(path: str, expected: str | None = None) -> str:
     elif (p / "config.json").is_file():
         kind = "finetuned"
     elif expected:
-        what = "PEFT adapter folder (no adapter_config.json)" if expected == "adapter" else "model folder (no config.json)"
+        what = (
+            "PEFT adapter folder (no adapter_config.json)" if expected == "adapter" else "model folder (no config.json)"
+        )
         raise UsageError(f"--{expected} {path} is not a {what}; pass the folder the run saved, e.g. RUN/final")
     else:
         raise UsageError(f"{path} is neither a PEFT adapter (adapter_config.json) nor a model folder (config.json)")
     if expected == "adapter" and kind != "adapter":
-        raise UsageError(f"--adapter {path} is not a PEFT adapter folder (no adapter_config.json); for a full model folder use --finetuned")
+        raise UsageError(
+            f"--adapter {path} is not a PEFT adapter folder (no adapter_config.json); for a full model folder use --finetuned"
+        )
     if expected == "finetuned" and kind != "finetuned":
         raise UsageError(f"--finetuned {path} is a PEFT adapter folder; pass it with --adapter")
     return kind
@@ -171,11 +189,15 @@ def _label(path: str, taken: list[str]) -> str:
 def plan(cfg: EvalConfig) -> tuple[list[Variant], list[str]]:
     """The models and task sources to score, checked before anything heavy is loaded."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("fnscale eval runs as one process on one device; run it without `accelerate launch` (training uses RetentionProbe on every rank)")
+        raise UsageError(
+            "fnscale eval runs as one process on one device; run it without `accelerate launch` (training uses RetentionProbe on every rank)"
+        )
     if cfg.generate < 0 or cfg.batch_size < 1 or cfg.max_seq_length < 8:
         raise UsageError("--generate must be >= 0, --batch-size >= 1 and --max-seq-length >= 8")
     if cfg.lm_eval_tasks and not lm_eval_available():
-        raise UsageError("--lm-eval-tasks needs the lm-eval harness: run `pip install lm-eval` (or `pip install fnscale[eval]`), or drop the flag")
+        raise UsageError(
+            "--lm-eval-tasks needs the lm-eval harness: run `pip install lm-eval` (or `pip install fnscale[eval]`), or drop the flag"
+        )
     variants = [Variant("base", "base")]
     taken = ["base"]
     if cfg.sequence:
@@ -201,12 +223,23 @@ def plan(cfg: EvalConfig) -> tuple[list[Variant], list[str]]:
 
 def task_set(tokenizer, source: str, cfg: EvalConfig, name: str) -> TaskSet:
     sft = data.build_sft_data(
-        tokenizer, source, cfg.max_seq_length, cfg.schema, cfg.template, cfg.validation_split if cfg.task_split != "all" else 0.0,
-        cfg.seed, None, cfg.prompt_column, cfg.response_column, cfg.max_samples,
+        tokenizer,
+        source,
+        cfg.max_seq_length,
+        cfg.schema,
+        cfg.template,
+        cfg.validation_split if cfg.task_split != "all" else 0.0,
+        cfg.seed,
+        None,
+        cfg.prompt_column,
+        cfg.response_column,
+        cfg.max_samples,
     )
     items = {"validation": sft.validation, "train": sft.train, "all": sft.train}[cfg.task_split]
     if not items:
-        raise UsageError(f"task data {source}: no held-out examples with --validation-split {cfg.validation_split}; raise it or use --task-split all")
+        raise UsageError(
+            f"task data {source}: no held-out examples with --validation-split {cfg.validation_split}; raise it or use --task-split all"
+        )
     gen = [items[i] for i in pick(len(items), cfg.generate, cfg.seed)] if cfg.generate else []
     return TaskSet(name, source, items, gen)
 
@@ -220,17 +253,25 @@ def _training_notes(v: Variant, cfg: EvalConfig) -> list[str]:
         train_cfg = json.loads(summary.read_text()).get("config", {})
     except (OSError, ValueError):
         return []
-    diffs = [k for k in ("validation_split", "seed", "max_samples") if k in train_cfg and train_cfg[k] != getattr(cfg, k)]
+    diffs = [
+        k for k in ("validation_split", "seed", "max_samples") if k in train_cfg and train_cfg[k] != getattr(cfg, k)
+    ]
     if train_cfg.get("validation_dataset"):
         diffs.append("validation_dataset")
-    return [f"{v.label}: training used a different {', '.join(diffs)}; its held-out split differs from this one"] if diffs else []
+    return (
+        [f"{v.label}: training used a different {', '.join(diffs)}; its held-out split differs from this one"]
+        if diffs
+        else []
+    )
 
 
 def lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int, seed: int) -> dict[str, dict[str, float]]:
+def run_lm_eval(
+    model, tokenizer, tasks: list[str], limit: int | None, batch_size: int, seed: int
+) -> dict[str, dict[str, float]]:
     """Numeric metrics per lm-eval task; any harness failure (unknown task, data unreachable) is one line."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -273,7 +314,9 @@ class LoadedVariant:
                 self.model = PeftModel.from_pretrained(self.base, self.v.path, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as err:
                 self._restore()
-                raise UsageError(f"adapter {self.v.path} does not fit the base model: {str(err).splitlines()[0][:200]}") from err
+                raise UsageError(
+                    f"adapter {self.v.path} does not fit the base model: {str(err).splitlines()[0][:200]}"
+                ) from err
         else:
             src = loading.ModelSource(self.v.path, self.v.label)
             self.model = load_placed(src, self.dtype, self.place, self.cfg.trust_remote_code, self.device)
@@ -320,12 +363,21 @@ def stage(desc: str, total: int):
         log.info("%s: %d batches in %.1f s", desc, total, time.time() - start)
 
 
-def score_model(model, tokenizer, tasks: list[TaskSet], retention: dict[str, RetentionCorpus], cfg: EvalConfig, device,
-                label: str = "model") -> dict:
+def score_model(
+    model,
+    tokenizer,
+    tasks: list[TaskSet],
+    retention: dict[str, RetentionCorpus],
+    cfg: EvalConfig,
+    device,
+    label: str = "model",
+) -> dict:
     pad = tokenizer.pad_token_id
     vocab = model.get_input_embeddings().num_embeddings
     if vocab < len(tokenizer):
-        raise UsageError(f"model has {vocab} embeddings but the base tokenizer has {len(tokenizer)} tokens; fine-tuned models must share the base tokenizer")
+        raise UsageError(
+            f"model has {vocab} embeddings but the base tokenizer has {len(tokenizer)} tokens; fine-tuned models must share the base tokenizer"
+        )
     result = {"task": {}, "retention": {}}
 
     def n_batches(items: list) -> int:
@@ -366,10 +418,16 @@ def run_eval(cfg: EvalConfig) -> dict:
     tasks = [task_set(tokenizer, s, cfg, n) for n, s in zip(task_names, task_sources)]
     for t in tasks if cfg.sequence else []:
         if not any(split_prompt(i)[0] for i in t.gen_items):
-            raise UsageError(f"sequence task {t.source} is plain text (no prompts), so --cl-metric {cfg.cl_metric} cannot be scored on it")
-    ret_sources = [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))
-    retention = {n: retention_corpus(tokenizer, s, cfg.max_seq_length, cfg.max_samples)
-                 for n, s in zip(corpus_names(ret_sources), ret_sources)}
+            raise UsageError(
+                f"sequence task {t.source} is plain text (no prompts), so --cl-metric {cfg.cl_metric} cannot be scored on it"
+            )
+    ret_sources = (
+        [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))
+    )
+    retention = {
+        n: retention_corpus(tokenizer, s, cfg.max_seq_length, cfg.max_samples)
+        for n, s in zip(corpus_names(ret_sources), ret_sources)
+    }
 
     base = load_placed(source, dtype, place, cfg.trust_remote_code, device)
     if place is not None:
@@ -385,10 +443,21 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     meta = {
         "model": source.display_name,
-        "tasks": [{"name": t.name, "source": t.source, "split": cfg.task_split, "examples": len(t.items), "generated": len(t.gen_items)} for t in tasks],
+        "tasks": [
+            {
+                "name": t.name,
+                "source": t.source,
+                "split": cfg.task_split,
+                "examples": len(t.items),
+                "generated": len(t.gen_items),
+            }
+            for t in tasks
+        ],
         "retention_metric": RETENTION_METRIC,
-        "retention": [{"name": n, "source": s, "chunks": len(c.items), "scored": c.scored}
-                      for (n, c), s in zip(retention.items(), ret_sources)],
+        "retention": [
+            {"name": n, "source": s, "chunks": len(c.items), "scored": c.scored}
+            for (n, c), s in zip(retention.items(), ret_sources)
+        ],
         "notes": [n for v in variants for n in v.notes],
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "debug"},
         "device": str(device),

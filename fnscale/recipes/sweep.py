@@ -100,7 +100,9 @@ def _options(d, where: str, folder: Path, forbid: set[str] = frozenset()) -> dic
     d = _keys(d, where, train_fields)
     bad = sorted(set(d) & (SET_BY_SWEEP | forbid))
     if bad:
-        raise UsageError(f"{where}: {', '.join(bad)} cannot be set here (the sweep sets seed and output_dir; the model belongs in `train`)")
+        raise UsageError(
+            f"{where}: {', '.join(bad)} cannot be set here (the sweep sets seed and output_dir; the model belongs in `train`)"
+        )
     return {k: v if (k, v) == ("ica_template_path", NETWORKS) else _local(v, folder) for k, v in d.items()}
 
 
@@ -147,7 +149,9 @@ def load(path: str | os.PathLike) -> Sweep:
     seeds = raw.get("seeds", [42])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise UsageError(f"{path}: `seeds` must be a non-empty list of integers")
-    configs = _named_configs(raw.get("runs") or [], folder) + (_grid_configs(raw["grid"], folder) if raw.get("grid") else [])
+    configs = _named_configs(raw.get("runs") or [], folder) + (
+        _grid_configs(raw["grid"], folder) if raw.get("grid") else []
+    )
     if not configs:
         raise UsageError(f"{path}: no runs; add `runs` (a list of named option sets) or a `grid`")
     names = [n for n, _ in configs]
@@ -158,9 +162,18 @@ def load(path: str | os.PathLike) -> Sweep:
         raise UsageError(f"{path}: reference {raw['reference']!r} is not a run name; pick one of {', '.join(names)}")
     eval_opts = _keys(raw.get("eval") or {}, f"{path}: eval", {f.name for f in dataclasses.fields(EvalConfig)}, "eval")
     if {"model", "gguf_file", "adapter", "finetuned", "sequence", "output"} & set(eval_opts):
-        raise UsageError(f"{path}: `eval` holds data and scoring options; the sweep chooses the models and the output folders")
-    sweep = Sweep(Path(path), _options(raw.get("train") or {}, "train", folder), {k: _local(v, folder) for k, v in eval_opts.items()},
-                  seeds, configs, raw.get("reference"), raw.get("launcher"))
+        raise UsageError(
+            f"{path}: `eval` holds data and scoring options; the sweep chooses the models and the output folders"
+        )
+    sweep = Sweep(
+        Path(path),
+        _options(raw.get("train") or {}, "train", folder),
+        {k: _local(v, folder) for k, v in eval_opts.items()},
+        seeds,
+        configs,
+        raw.get("reference"),
+        raw.get("launcher"),
+    )
     sweep.runs = [Run(i, name, seed, opts) for i, ((name, opts), seed) in enumerate(itertools.product(configs, seeds))]
     sweep.compare = _compare_pairs(raw.get("compare"), names, path)
     sweep.networks = _networks_section(raw.get("networks"), path, folder, sweep)
@@ -189,13 +202,19 @@ def _networks_section(raw, path, folder: Path, sweep: Sweep) -> dict | None:
     users = [r.run_id for r in sweep.runs if _uses_networks({**sweep.train, **r.options})]
     if raw is None:
         if users:
-            raise UsageError(f"{path}: run {users[0]} has ica_template_path: {NETWORKS}, which names the networks a `networks` "
-                             "section builds; add one (options of `fnscale templates build`) or give a templates JSON path")
+            raise UsageError(
+                f"{path}: run {users[0]} has ica_template_path: {NETWORKS}, which names the networks a `networks` "
+                "section builds; add one (options of `fnscale templates build`) or give a templates JSON path"
+            )
         return None
-    opts = _keys(raw, f"{path}: networks", {f.name for f in dataclasses.fields(TemplatesBuildConfig)}, "templates build")
+    opts = _keys(
+        raw, f"{path}: networks", {f.name for f in dataclasses.fields(TemplatesBuildConfig)}, "templates build"
+    )
     if {"model", "gguf_file", "output"} & set(opts):
-        raise UsageError(f"{path}: networks: model, gguf_file and output are the sweep's (the base model of `train`, "
-                         f"OUTPUT/{NETWORKS}/); remove them")
+        raise UsageError(
+            f"{path}: networks: model, gguf_file and output are the sweep's (the base model of `train`, "
+            f"OUTPUT/{NETWORKS}/); remove them"
+        )
     if isinstance(opts.get("dataset"), str):
         opts["dataset"] = [opts["dataset"]]
     return {k: _local(v, folder) for k, v in opts.items()}
@@ -214,7 +233,13 @@ def run_dir(out: Path, run: Run) -> Path:
 
 def resolved_options(sweep: Sweep, run: Run, out: Path) -> dict:
     """The run's full `train` options; LoRA runs also save the merged model, which is what eval scores."""
-    opts = {"resume_from_checkpoint": "auto", **sweep.train, **run.options, "seed": run.seed, "output_dir": str(run_dir(out, run) / "train")}
+    opts = {
+        "resume_from_checkpoint": "auto",
+        **sweep.train,
+        **run.options,
+        "seed": run.seed,
+        "output_dir": str(run_dir(out, run) / "train"),
+    }
     if _uses_networks(opts):
         opts["ica_template_path"] = str(networks_file(out))
     if opts.get("lora", TrainConfig.lora):
@@ -243,12 +268,18 @@ def train_run(sweep: Sweep, run: Run, out: Path) -> dict:
     cmd = train_command(sweep, folder / "config.yaml")
     log.info("training %s: %s", run.run_id, shlex.join(cmd))
     with open(folder / "train.log", "ab") as logfile:
-        code = subprocess.call(cmd, cwd=folder, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = subprocess.call(
+            cmd, cwd=folder, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     if code != 0:
         log_file = folder / "train.log"
-        raise RunError(f"run {run.run_id} failed (exit {code}): {_last_error(log_file)}; see {log_file}, fix and rerun (finished runs are kept)")
+        raise RunError(
+            f"run {run.run_id} failed (exit {code}): {_last_error(log_file)}; see {log_file}, fix and rerun (finished runs are kept)"
+        )
     if not trained_model(opts).is_dir():
-        raise RunError(f"run {run.run_id} finished without a model in {trained_model(opts)} (stopped by a signal?); rerun the sweep to resume it")
+        raise RunError(
+            f"run {run.run_id} finished without a model in {trained_model(opts)} (stopped by a signal?); rerun the sweep to resume it"
+        )
     return opts
 
 
@@ -296,13 +327,17 @@ def finished(folder: Path, expected: dict) -> dict | None:
     """The done-marker of a result made with the expected options; one made with others is refused, not mixed in."""
     done = read_done(folder)
     if done is not None and done.get("config") != expected:
-        raise UsageError(f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick another --output")
+        raise UsageError(
+            f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick another --output"
+        )
     from fnscale.eval.scoring import RETENTION_METRIC
 
     if done is not None and done.get("retention_metric") != RETENTION_METRIC:  # figures of two metrics must not mix
         old = done.get("retention_metric", "retention/1")
-        raise UsageError(f"{folder} was scored with an older retention metric ({old}, now {RETENTION_METRIC}); "
-                         "remove it or pick another --output to score it again")
+        raise UsageError(
+            f"{folder} was scored with an older retention metric ({old}, now {RETENTION_METRIC}); "
+            "remove it or pick another --output to score it again"
+        )
     return done
 
 
@@ -317,7 +352,15 @@ def execute(sweep: Sweep, run: Run, out: Path) -> bool:
     scores = score(sweep, str(trained_model(opts)), None, folder / "eval")
     summary = json.loads((Path(opts["output_dir"]) / "summary.json").read_text())
     train_facts = {k: summary.get(k) for k in ("steps", "final_loss", "eval_loss", "train_time_s")}
-    marker = {"run": run.run_id, "name": run.name, "seed": run.seed, "options": run.options, "config": expected, "train": train_facts, **scores}
+    marker = {
+        "run": run.run_id,
+        "name": run.name,
+        "seed": run.seed,
+        "options": run.options,
+        "config": expected,
+        "train": train_facts,
+        **scores,
+    }
     write_json(folder / DONE, marker)
     return True
 
@@ -344,10 +387,14 @@ def build_networks(sweep: Sweep, out: Path) -> dict:
     from fnscale.recipes.build_networks import run_build
 
     folder = out / NETWORKS
-    expected = json.loads(json.dumps({"model": {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}, "networks": sweep.networks}))
+    expected = json.loads(
+        json.dumps({"model": {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}, "networks": sweep.networks})
+    )
     done = read_done(folder)  # not `finished`: networks have no retention metric
     if done is not None and done.get("config") != expected:
-        raise UsageError(f"{folder} was made with other networks options than the sweep file now gives; remove it or pick another --output")
+        raise UsageError(
+            f"{folder} was made with other networks options than the sweep file now gives; remove it or pick another --output"
+        )
     if done is None:
         log.info("finding the functional networks (templates build) into %s", folder)
         chosen = {"model": sweep.train.get("model"), "gguf_file": sweep.train.get("gguf_file"), "output": str(folder)}
@@ -380,8 +427,10 @@ def check_inputs(sweep: Sweep, runs: list[Run], out: Path) -> None:
         path = resolved_options(sweep, run, out).get("ica_template_path")
         built = sweep.networks is not None and path == str(networks_file(out))  # built before the runs
         if path and not built and not Path(path).is_file() and read_done(run_dir(out, run)) is None:
-            raise UsageError(f"run {run.run_id}: ica_template_path {path} not found (relative paths are taken from the sweep "
-                             "file's folder); build it first with `fnscale templates build ... --output FOLDER`")
+            raise UsageError(
+                f"run {run.run_id}: ica_template_path {path} not found (relative paths are taken from the sweep "
+                "file's folder); build it first with `fnscale templates build ... --output FOLDER`"
+            )
 
 
 def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: bool = False) -> dict:
@@ -394,7 +443,9 @@ def run_sweep(path: str, output: str, only: tuple[int, ...] = (), report_only: b
         raise UsageError(f"--output {out} is a file; pick a folder")
     bad = [i for i in only if not 0 <= i < len(sweep.runs)]
     if bad:
-        raise UsageError(f"--only {bad[0]}: the sweep has runs 0-{len(sweep.runs) - 1}; see `fnscale sweep {path} --list`")
+        raise UsageError(
+            f"--only {bad[0]}: the sweep has runs 0-{len(sweep.runs) - 1}; see `fnscale sweep {path} --list`"
+        )
     if only and report_only:
         raise UsageError("--only runs single runs and --report-only only reports; pass one of them")
     chosen = [] if report_only else [sweep.runs[i] for i in only] if only else sweep.runs

@@ -139,8 +139,15 @@ class Prepared:
 def precision(cfg: TrainConfig, device_type: str) -> loading.PrecisionPlan:
     """The run's precision plan (see `loading.precision_plan`) on this launch's device."""
     bf16 = device_type != "cuda" or torch.cuda.is_bf16_supported()
-    return loading.precision_plan(cfg.precision, cfg.dtype, device_type, bf16, lora=cfg.lora,
-                                  quantized=cfg.load_in_4bit or cfg.load_in_8bit, launch_mixed=launch_mixed_precision())
+    return loading.precision_plan(
+        cfg.precision,
+        cfg.dtype,
+        device_type,
+        bf16,
+        lora=cfg.lora,
+        quantized=cfg.load_in_4bit or cfg.load_in_8bit,
+        launch_mixed=launch_mixed_precision(),
+    )
 
 
 def build_model(cfg: TrainConfig, accelerator):
@@ -160,9 +167,12 @@ def build_model(cfg: TrainConfig, accelerator):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if cfg.lora:
-        targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] if cfg.lora_target_modules else None
-        model = loading.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, quant is not None,
-                                 cfg.gradient_checkpointing)
+        targets = (
+            [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] if cfg.lora_target_modules else None
+        )
+        model = loading.add_lora(
+            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, quant is not None, cfg.gradient_checkpointing
+        )
     return source, tokenizer, model
 
 
@@ -188,13 +198,17 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig) -> dict[str, str
     if accelerator.is_main_process:
         try:
             if state_dict is None or not state_dict:
-                raise RunError("the gathered model state is empty; with ZeRO-3 set zero3_save_16bit_model: true in the DeepSpeed config")
+                raise RunError(
+                    "the gathered model state is empty; with ZeRO-3 set zero3_save_16bit_model: true in the DeepSpeed config"
+                )
             with atomic_dir(out / "final") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
             paths["final"] = str(out / "final")
             if cfg.lora and cfg.merge_adapter:
-                with zero3_init_disabled(accelerator):  # only this rank loads the base: no collective ZeRO-3 partitioning
+                with zero3_init_disabled(
+                    accelerator
+                ):  # only this rank loads the base: no collective ZeRO-3 partitioning
                     paths["merged"] = str(merge_adapter(cfg, out / "final", out / "merged"))
         except Exception as err:  # every rank hears of it below instead of waiting at a barrier
             error = err
@@ -227,8 +241,14 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     out = Path(cfg.output_dir)
     log_with = trackers.log_with(cfg.report_to, out)
     mixed = precision(cfg, launch_device_type()).autocast
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, str(out), log_with, max_grad_norm=cfg.max_grad_norm,
-                                   timeout_s=cfg.ddp_timeout, mixed_precision=mixed)
+    accelerator = make_accelerator(
+        cfg.gradient_accumulation_steps,
+        str(out),
+        log_with,
+        max_grad_norm=cfg.max_grad_norm,
+        timeout_s=cfg.ddp_timeout,
+        mixed_precision=mixed,
+    )
     _check_writable(out, accelerator)
     if templates is not None:  # config.json only: a template for another model is refused before the weights load
         with accelerator.main_process_first():
@@ -238,13 +258,17 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     # Model, data, masks (from templates, or networks computed on the training data), optimizer, prepared.
     source, tokenizer, model = build_model(cfg, accelerator)
     sft = _sft_data(cfg, tokenizer)
-    prepared, retention, retention_before = prepare(cfg, accelerator, model, tokenizer, sft, source.display_name,
-                                                    templates)
+    prepared, retention, retention_before = prepare(
+        cfg, accelerator, model, tokenizer, sft, source.display_name, templates
+    )
 
     # Resume, then open the metrics (metrics.jsonl continues from the resumed step) and trackers.
     progress = resume(accelerator, cfg.resume_from_checkpoint, out)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
-        if accelerator.is_main_process else None
+    metrics = (
+        MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None)
+        if accelerator.is_main_process
+        else None
+    )
     if log_with:
         accelerator.init_trackers(trackers.PROJECT, config=_tracker_config(cfg))
     trainer = Trainer(cfg, prepared, metrics)
@@ -255,17 +279,27 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     # The loop: optimizer steps until total_steps, or until SIGTERM/SIGUSR1 (which checkpoints first).
     start = time.time()
     quiet = not accelerator.is_local_main_process
-    with StopRequested() as stop, tqdm(total=prepared.total_steps, initial=progress.step, disable=quiet, desc="train",
-                                       dynamic_ncols=True) as bar:
+    with (
+        StopRequested() as stop,
+        tqdm(total=prepared.total_steps, initial=progress.step, disable=quiet, desc="train", dynamic_ncols=True) as bar,
+    ):
         trainer.run(progress, stop, bar)
 
     # Finish: one exit path. A run stopped by a signal has its checkpoint and skips the final evaluation and save.
-    summary = {"steps": progress.step, "total_steps": prepared.total_steps, "final_loss": progress.last_loss,
-               "model": source.display_name, "output_dir": str(out), "examples": sft.counts}
+    summary = {
+        "steps": progress.step,
+        "total_steps": prepared.total_steps,
+        "final_loss": progress.last_loss,
+        "model": source.display_name,
+        "output_dir": str(out),
+        "examples": sft.counts,
+    }
     if progress.stopped_by_signal:
         summary["stopped"] = "signal"
         if not stop.interrupted:
-            accelerator.print(f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto")
+            accelerator.print(
+                f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto"
+            )
     else:
         summary.update(trainer.final_scores(progress.step, retention))
         summary.update(save_final(accelerator, prepared.model, tokenizer, cfg))
@@ -274,8 +308,10 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
         _publish(accelerator, cfg, summary)
     accelerator.end_training()
     if progress.stopped_by_signal and stop.interrupted:  # Ctrl-C: exit 130, like any interrupted command
-        raise Interrupted(f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same "
-                          "command and --resume-from-checkpoint auto")
+        raise Interrupted(
+            f"interrupted at step {progress.step}; checkpoint saved in {out}, continue with the same "
+            "command and --resume-from-checkpoint auto"
+        )
     return summary
 
 
@@ -302,8 +338,10 @@ def prepare(cfg: TrainConfig, accelerator, model, tokenizer, sft, model_name: st
     retention, before = None, None
     if cfg.eval_retention:
         retention = RetentionProbe(cfg.eval_retention, tokenizer, cfg.max_seq_length, cfg.batch_size)
-        before = {**retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before"),
-                  **retention.describe()}
+        before = {
+            **retention.measure(accelerator.unwrap_model(model), accelerator, prefix="retention_before"),
+            **retention.describe(),
+        }
     if masker is not None:  # after retention-before: it measures the unmasked base
         masker.attach(accelerator.unwrap_model(model))
     prepared = Prepared(accelerator, model, optimizer, scheduler, train_loader, val_loader, masker, total_steps)
@@ -354,8 +392,18 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def _sft_data(cfg: TrainConfig, tokenizer) -> data.SFTData:
     return data.build_sft_data(
-        tokenizer, cfg.dataset or data.DEFAULT_DATASET, cfg.max_seq_length, cfg.schema, cfg.template, cfg.validation_split,
-        cfg.seed, cfg.validation_dataset, cfg.prompt_column, cfg.response_column, cfg.max_samples, train_on_inputs=cfg.train_on_inputs,
+        tokenizer,
+        cfg.dataset or data.DEFAULT_DATASET,
+        cfg.max_seq_length,
+        cfg.schema,
+        cfg.template,
+        cfg.validation_split,
+        cfg.seed,
+        cfg.validation_dataset,
+        cfg.prompt_column,
+        cfg.response_column,
+        cfg.max_samples,
+        train_on_inputs=cfg.train_on_inputs,
     )
 
 
@@ -363,7 +411,11 @@ def _loaders(cfg: TrainConfig, sft, tokenizer, flatten: bool = False) -> tuple[D
     """Shuffled training batches; validation batches in order when there is held-out data."""
     collate = partial(data.collate, pad_id=tokenizer.pad_token_id)
     train_loader = _train_loader(cfg, sft.train, tokenizer.pad_token_id, flatten)
-    val_loader = DataLoader(sft.validation, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate) if sft.validation else None
+    val_loader = (
+        DataLoader(sft.validation, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
+        if sft.validation
+        else None
+    )
     return train_loader, val_loader
 
 
@@ -393,7 +445,12 @@ def optimizer_groups(model, weight_decay: float, no_decay_params: set[int] | Non
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 (zero.Init) leaves an empty 1-D placeholder in p
-        if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") or (no_decay_params and id(p) in no_decay_params):
+        if (
+            ndim < 2
+            or "norm" in name.lower()
+            or name.endswith(".bias")
+            or (no_decay_params and id(p) in no_decay_params)
+        ):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -406,14 +463,18 @@ def make_optimizer(model, lr: float, weight_decay: float, no_decay_params: set[i
     """AdamW over `optimizer_groups`; the fused kernel on CPU/CUDA (4x faster than the per-tensor loop on CPU)."""
     groups = optimizer_groups(model, weight_decay, no_decay_params)
     devices = {p.device.type for g in groups for p in g["params"]}
-    fused = bool(devices) and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    fused = (
+        bool(devices) and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    )
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int, n_processes: int):
     """The prepared scheduler steps once per process per optimizer step (Accelerate's convention), so its length is scaled."""
     warmup = int(cfg.warmup_ratio * total_steps) * n_processes
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps * n_processes)
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps * n_processes
+    )
 
 
 def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
@@ -427,8 +488,11 @@ def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
         found, error = [str(p) for p in checkpoints.resolve_resume(resume_from, out)], None
     except UsageError as err:
         found, error = [], str(err)
-    found, error = broadcast_from_main((found, error), accelerator) if accelerator.is_main_process \
+    found, error = (
+        broadcast_from_main((found, error), accelerator)
+        if accelerator.is_main_process
         else broadcast_from_main(None, accelerator)
+    )
     if error:
         raise UsageError(error)
     for ckpt in found:
@@ -446,8 +510,10 @@ def resume(accelerator, resume_from: str | None, out: Path) -> Progress:
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
         return Progress(step=state["step"], epoch=state["epoch"], batches_done=state["batches_in_epoch"])
     if found:
-        raise RunError(f"no checkpoint in {out} loads on every rank ({len(found)} tried); remove the broken ones or "
-                       "start without --resume-from-checkpoint")
+        raise RunError(
+            f"no checkpoint in {out} loads on every rank ({len(found)} tried); remove the broken ones or "
+            "start without --resume-from-checkpoint"
+        )
     return Progress()
 
 
@@ -544,7 +610,9 @@ class Trainer:
 
     def _skip_bad_step(self, progress: Progress) -> None:
         progress.bad_in_row += 1
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", progress.step + 1, progress.bad_in_row)
+        log.warning(
+            "non-finite loss or gradient at step %d: step skipped (%d in a row)", progress.step + 1, progress.bad_in_row
+        )
         if progress.bad_in_row >= self.cfg.max_bad_steps:
             raise RunError(
                 f"{progress.bad_in_row} non-finite steps in a row; lower --learning-rate or use --dtype float32/bfloat16 (last good checkpoint kept)"
@@ -560,7 +628,9 @@ class Trainer:
             self.log({"step": step, "eval_loss": self.evaluate()})
         if self.accelerator.num_processes == 1 or step % STOP_CHECK_STEPS == 0:  # the ranks agree through a collective
             progress.stopped_by_signal = _any_rank(self.accelerator, stop.flag)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.total_steps) or progress.stopped_by_signal:
+        if (
+            cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < self.total_steps
+        ) or progress.stopped_by_signal:
             save_checkpoint(self.accelerator, cfg, progress.checkpoint_state())
         return progress.stopped_by_signal or step >= self.total_steps
 
@@ -570,11 +640,17 @@ class Trainer:
         progress.last_loss = loss
         norm = None if self.grad_norm is None else float(self.grad_norm)
         epoch = progress.epoch + progress.batches_done / max(1, len(self.p.train_loader))
-        self.log({
-            "step": progress.step, "epoch": round(epoch, 4), "loss": loss, "lr": self.p.scheduler.get_last_lr()[0],
-            "grad_norm": norm, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-            "step_time_s": elapsed / max(1, self.cfg.logging_steps),
-        })
+        self.log(
+            {
+                "step": progress.step,
+                "epoch": round(epoch, 4),
+                "loss": loss,
+                "lr": self.p.scheduler.get_last_lr()[0],
+                "grad_norm": norm,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                "step_time_s": elapsed / max(1, self.cfg.logging_steps),
+            }
+        )
         bar.set_postfix(loss=f"{loss:.4f}")
         self.window = LogWindow(self.accelerator.device)
 
@@ -593,7 +669,9 @@ class Trainer:
         if self.p.masker is not None:
             self.p.masker.remove()
         if retention is not None:
-            after = retention.measure(self.accelerator.unwrap_model(self.model), self.accelerator, prefix="retention_after")
+            after = retention.measure(
+                self.accelerator.unwrap_model(self.model), self.accelerator, prefix="retention_after"
+            )
             self.log({"step": step, **after})
             scores.update({**after, **retention.describe()})
         return scores
@@ -602,7 +680,11 @@ class Trainer:
         """One record to metrics.jsonl (main process) and its finite scalars to the trackers."""
         if self.metrics is not None:
             self.metrics.write(record)
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v)
+        }
         if scalars and self.accelerator.trackers:
             self.accelerator.log(scalars, step=record["step"])
 
@@ -622,7 +704,9 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: dict) -> Path:
         accelerator.save_state(str(tmp), safe_serialization=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"could not save checkpoint {target}: {err.strerror or err}; free disk space and resume with --resume-from-checkpoint auto") from err
+        raise RunError(
+            f"could not save checkpoint {target}: {err.strerror or err}; free disk space and resume with --resume-from-checkpoint auto"
+        ) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoints.finish(tmp, target, state)
@@ -638,7 +722,9 @@ def _publish(accelerator, cfg: TrainConfig, summary: dict) -> None:
     publish_run(cfg, summary)  # base by hub id, model card, networks copy beside the model; names the data in summary
     write_json(Path(cfg.output_dir) / "summary.json", {**summary, "config": _tracker_config(cfg)})
     if cfg.push_to_hub:
-        summary["hub_url"] = push_folder(Path(summary.get("merged") or summary["final"]), cfg.hub_repo_id, cfg.hub_private)
+        summary["hub_url"] = push_folder(
+            Path(summary.get("merged") or summary["final"]), cfg.hub_repo_id, cfg.hub_private
+        )
 
 
 # ---------------------------------------------------------------- signals and ranks
@@ -700,8 +786,9 @@ def token_nll(model, batch: dict) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     target = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def _masker(cfg, model, tokenizer, sft, accelerator, model_name: str, templates: Templates | None):
@@ -709,19 +796,32 @@ def _masker(cfg, model, tokenizer, sft, accelerator, model_name: str, templates:
     if cfg.mask_mode == "none":
         return None
     if templates is None:
-        templates = (Templates.load(cfg.ica_template_path) if cfg.ica_template_path
-                     else compute_templates(cfg, model, tokenizer, sft, accelerator, model_name))
+        templates = (
+            Templates.load(cfg.ica_template_path)
+            if cfg.ica_template_path
+            else compute_templates(cfg, model, tokenizer, sft, accelerator, model_name)
+        )
     return setup_masks(cfg, model, accelerator, templates)
 
 
 def compute_templates(cfg, model, tokenizer, sft, accelerator, model_name: str) -> Templates:
     """Templates from the first --ica-samples training examples, saved in the output dir."""
     samples = [ex["input_ids"] for ex in sft.train[: cfg.ica_samples]]
-    with zero3_gathering(model, accelerator):  # ZeRO-3: forwards gather the partitioned weights module by module, LoRA left alone
+    with zero3_gathering(
+        model, accelerator
+    ):  # ZeRO-3: forwards gather the partitioned weights module by module, LoRA left alone
         templates = build_templates(
-            model, samples, n_components=cfg.ica_components, percentile=cfg.ica_percentile, site=cfg.ica_site,
-            batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, seed=cfg.seed, accelerator=accelerator,
-            model_name=model_name, datasets=[cfg.dataset or "default"],
+            model,
+            samples,
+            n_components=cfg.ica_components,
+            percentile=cfg.ica_percentile,
+            site=cfg.ica_site,
+            batch_size=cfg.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            seed=cfg.seed,
+            accelerator=accelerator,
+            model_name=model_name,
+            datasets=[cfg.dataset or "default"],
         )
     if accelerator.is_main_process:
         out = Path(cfg.output_dir) / "templates"

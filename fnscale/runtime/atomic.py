@@ -46,7 +46,9 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         _fsync_dir(target.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise RunError(f"could not write {target}: {err.strerror or err}; free disk space or pick another --output-dir") from err
+        raise RunError(
+            f"could not write {target}: {err.strerror or err}; free disk space or pick another --output-dir"
+        ) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -92,7 +94,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"could not write {target}: {err.strerror or err}; free disk space or pick another --output-dir") from err
+        raise RunError(
+            f"could not write {target}: {err.strerror or err}; free disk space or pick another --output-dir"
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,9 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := re.fullmatch(PREFIX + r"(\d+)", p.name))]
+    found = [
+        (int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := re.fullmatch(PREFIX + r"(\d+)", p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 _joined = {"group": False}  # set once this process has joined a multi-process group (see exit_process)
-DEFAULT_TIMEOUT_S = 1800  # collectives wait this long for a live peer (a first GGUF conversion or a large ZeRO-3 save can take minutes)
+DEFAULT_TIMEOUT_S = (
+    1800  # collectives wait this long for a live peer (a first GGUF conversion or a large ZeRO-3 save can take minutes)
+)
 
 
 def _truthy(name: str) -> bool:
@@ -98,7 +100,9 @@ def check_launch_env() -> None:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise UsageError("the launch config asks for DeepSpeed but it is not installed; `pip install deepspeed` or pick a DDP config")
+            raise UsageError(
+                "the launch config asks for DeepSpeed but it is not installed; `pip install deepspeed` or pick a DDP config"
+            )
         _resolve_deepspeed_config_file()
         if _truthy("ACCELERATE_USE_CPU") and _has_accelerator_device():
             raise UsageError(
@@ -126,7 +130,9 @@ def _auto_deepspeed_precision() -> None:
     if all(str((cfg.get(k) or {}).get("enabled", "")).lower() == "auto" for k in ("bf16", "fp16")):
         import torch
 
-        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+        os.environ["ACCELERATE_MIXED_PRECISION"] = (
+            "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+        )
 
 
 def launch_device_type() -> str:
@@ -148,9 +154,14 @@ def launch_mixed_precision() -> str | None:
     return value if value in ("bf16", "fp16") else None
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | None = None, log_with: str | None = None,
-                     max_grad_norm: float | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     mixed_precision: str | None = None):
+def make_accelerator(
+    gradient_accumulation_steps: int = 1,
+    project_dir: str | None = None,
+    log_with: str | None = None,
+    max_grad_norm: float | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    mixed_precision: str | None = None,
+):
     """An Accelerator whose process group uses gloo on CPU (NCCL cannot run there), seeded data order.
 
     Under DeepSpeed, clipping happens inside the engine: `max_grad_norm` fills the config's "auto"
@@ -200,7 +211,11 @@ def make_accelerator(gradient_accumulation_steps: int = 1, project_dir: str | No
         if current == "auto":
             ds_cfg["gradient_clipping"] = float(max_grad_norm)
         elif float(current) != float(max_grad_norm) and accelerator.is_main_process:
-            log.warning("the DeepSpeed config clips gradients at %s; --max-grad-norm %s does not apply (set it to \"auto\")", current, max_grad_norm)
+            log.warning(
+                'the DeepSpeed config clips gradients at %s; --max-grad-norm %s does not apply (set it to "auto")',
+                current,
+                max_grad_norm,
+            )
     _joined["group"] = multi
     if accelerator.is_main_process:
         log.info("distributed: %s", describe(accelerator))
@@ -319,8 +334,15 @@ def zero3_gathering(model, accelerator):
 
     held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
     total = sum(p.ds_numel for p in model.parameters() if hasattr(p, "ds_numel"))
-    log.info("ZeRO-3 forward: rank %d holds %d of %d parameter elements (partitioned)", accelerator.process_index, held, total)
-    open_gathers: dict[int, list] = {}  # module id -> its entered GatheredParameters (a stack: a module may be re-entered)
+    log.info(
+        "ZeRO-3 forward: rank %d holds %d of %d parameter elements (partitioned)",
+        accelerator.process_index,
+        held,
+        total,
+    )
+    open_gathers: dict[
+        int, list
+    ] = {}  # module id -> its entered GatheredParameters (a stack: a module may be re-entered)
 
     def gather(module, args):
         ctx = deepspeed.zero.GatheredParameters([p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")])

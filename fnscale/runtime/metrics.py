@@ -18,7 +18,11 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Drop lines past the checkpoint we resume from: those steps are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if _step(line) is not None and _step(line) <= resume_step
+            ]
             write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
