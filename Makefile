@@ -23,6 +23,7 @@ demo: install
 
 test: install-dev
 	ruff check .
+	ruff format --check .
 	OMP_NUM_THREADS=1 pytest -q -m "not slow"
 	OMP_NUM_THREADS=1 pytest -q -m slow
 	$(MAKE) test-wheel

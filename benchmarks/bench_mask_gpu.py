@@ -159,7 +159,8 @@ def main() -> None:
             print(f"  {name:<28}{value:>9.3f}{value / ms[baseline]:>13.3f}{ms[masked_eager] / value:>17.2f}{extra}")
         print(
             f"  fused vs eager+hook: {ms[masked_eager] / ms[fused]:.2f}x faster; "
-            f"eager+hook / unmasked: {ms[masked_eager] / ms[baseline]:.3f}; fused / unmasked: {ms[fused] / ms[baseline]:.3f}"
+            f"eager+hook / unmasked: {ms[masked_eager] / ms[baseline]:.3f}; fused / unmasked: "
+            f"{ms[fused] / ms[baseline]:.3f}"
         )
 
     table(

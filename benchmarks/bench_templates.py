@@ -142,7 +142,8 @@ def main() -> None:
 def _table(rows: list[dict], samples: list[int], key: str, what: str) -> None:
     print(f"\n{what}:")
     print(
-        "| tokens | forward alone | default (auto) | stream (--cache-budget-gb 0) | peak RSS forward / default / stream | above model default / stream |"
+        "| tokens | forward alone | default (auto) | stream (--cache-budget-gb 0) | peak RSS forward / default / "
+        "stream | above model default / stream |"
     )
     print("|---|---|---|---|---|---|")
     for n in samples:
@@ -150,7 +151,8 @@ def _table(rows: list[dict], samples: list[int], key: str, what: str) -> None:
         f, d, s = (r[m][key] for m in ("forward", "default", "stream"))
         print(
             f"| {r['forward']['tokens']:,} | {f:.1f} s | {d:.1f} s ({d / f:.2f}x) | {s:.1f} s ({s / f:.2f}x) "
-            f"| {r['forward']['peak_rss_gb']:.2f} / {r['default']['peak_rss_gb']:.2f} / {r['stream']['peak_rss_gb']:.2f} GB "
+            f"| {r['forward']['peak_rss_gb']:.2f} / {r['default']['peak_rss_gb']:.2f} / "
+            f"{r['stream']['peak_rss_gb']:.2f} GB "
             f"| {r['default']['above_model_gb']:.2f} / {r['stream']['above_model_gb']:.2f} GB |"
         )
 

@@ -95,7 +95,8 @@ def main() -> None:
             )
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"{args.rows} examples ({results['first run']['train']} train, {results['first run']['validation']} held out), "
+            f"{args.rows} examples ({results['first run']['train']} train, {results['first run']['validation']} held "
+            "out), "
             f"{os.cpu_count()} CPUs visible"
         )
         for label, r in results.items():

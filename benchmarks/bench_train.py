@@ -1,4 +1,5 @@
-"""Training throughput: trained (response) tokens per second for fnscale unpacked, fnscale --packing, and TRL's SFTTrainer.
+"""Training throughput: trained (response) tokens per second for fnscale unpacked, fnscale --packing, and TRL's
+SFTTrainer.
 
 Same model (the embedded SmolLM2-135M-Instruct, or a tiny random Llama with --tiny), same short synthetic
 instruction/response examples rendered with the model's chat template, LoRA r=16 (alpha 32, dropout 0.05) on
@@ -284,8 +285,10 @@ def main() -> None:
             r for r in (run_child(n, model, trl if n.startswith("TRL") else ours, args) for n in names) if r is not None
         ]
     print(
-        f"model {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}, LoRA r={LORA_R} on {','.join(LINEAR)}, batch {BATCH}, "
-        f"{SEQ} tokens, {args.lengths} answers, fp32, CPU, {args.threads} threads, {args.steps} steps ({args.warmup} untimed)"
+        f"model {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct'}, LoRA r={LORA_R} on "
+        f"{','.join(LINEAR)}, batch {BATCH}, "
+        f"{SEQ} tokens, {args.lengths} answers, fp32, CPU, {args.threads} threads, {args.steps} steps ({args.warmup} "
+        "untimed)"
     )
     print(table(results))
     if not _has_trl():

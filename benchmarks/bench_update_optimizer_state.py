@@ -101,7 +101,8 @@ def main():
 
     n_params = sum(layer.width * layer.hidden * 3 for layer in layers)
     print(
-        f"SmolLM2-135M, fp32 AdamW, kept share {args.kept:.0%} of MLP neurons per layer ({n_params / 1e6:.1f} M MLP weights)"
+        f"SmolLM2-135M, fp32 AdamW, kept share {args.kept:.0%} of MLP neurons per layer ({n_params / 1e6:.1f} M MLP "
+        "weights)"
     )
     keys = ["optimizer state", "gradients", "guard snapshot", "slice deltas", "total"]
     print(f"{'MiB':32s}" + "".join(f"{k:>17s}" for k in keys) + f"{'step s':>9s}")

@@ -39,7 +39,8 @@ CONFIGS = REPO / "launch_configs"
 
 
 def worker(report: str, argv: list[str]) -> None:
-    """fnscale train, recording the peak memory of this process just before the final save (train()'s `save_final` seam)."""
+    """fnscale train, recording the peak memory of this process just before the final save (train()'s `save_final`
+    seam)."""
     import logging
     import resource
 
@@ -288,7 +289,8 @@ def main() -> None:
     for r in rows:
         if r["ok"]:
             print(
-                f"{r['check']:14s} {'yes':4s} {r['step_time_s']:8.4f} {r['tokens_per_s'] or 0:9.1f} {r.get(mem, float('nan')):13.3f} "
+                f"{r['check']:14s} {'yes':4s} {r['step_time_s']:8.4f} {r['tokens_per_s'] or 0:9.1f} "
+                f"{r.get(mem, float('nan')):13.3f} "
                 f"{r['final_loss']:7.4f} {r['wall_s']:7.1f}"
             )
         else:

@@ -227,7 +227,8 @@ class TrainConfig:
     # distribution
     ddp_timeout: int = opt(
         1800,
-        "seconds a rank waits in a collective for a live but silent peer (a dead peer or a failed save is noticed at once)",
+        "seconds a rank waits in a collective for a live but silent peer (a dead peer or a failed save is noticed at "
+        "once)",
     )
 
 
@@ -304,7 +305,8 @@ class EvalConfig:
     finetuned: tuple[str, ...] = opt((), "full fine-tuned model folder (same tokenizer as the base); default: none")
     sequence: str | None = opt(
         None,
-        "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces --task/--adapter/--finetuned; default: none",
+        "continual-learning run: YAML/JSON list of {task, checkpoint} in training order; replaces "
+        "--task/--adapter/--finetuned; default: none",
     )
     # task data
     task: str | None = opt(
@@ -332,7 +334,8 @@ class EvalConfig:
     # retention
     retention: tuple[str, ...] = opt(
         (),
-        "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled retention.txt; `none` skips",
+        "retention corpus (.txt, data with a `text` column, or SFT data: all tokens scored); default: the bundled "
+        "retention.txt; `none` skips",
     )
     # generation
     generate: int = opt(
@@ -372,7 +375,8 @@ SELECTORS = ("activation", "fisher", "random")  # `templates select --by`
 
 @dataclass
 class NetworkDataConfig:
-    """The model and data `templates select` and `templates rank` score networks on (data options as in `templates build`)."""
+    """The model and data `templates select` and `templates rank` score networks on (data options as in `templates
+    build`)."""
 
     model: str | None = opt(
         None,
@@ -431,7 +435,8 @@ class TemplatesSelectConfig(NetworkDataConfig):
 
 @dataclass
 class TemplatesRankConfig(NetworkDataConfig):
-    """`fnscale templates rank`: the rise in loss when each component is lesioned, against size-matched random lesions."""
+    """`fnscale templates rank`: the rise in loss when each component is lesioned, against size-matched random
+    lesions."""
 
     ica_component_ids: str | None = opt(None, "components to rank, e.g. 0,3; default: all")
     random_draws: int = opt(3, "random lesions per component (same size per layer), averaged", limits=AT_LEAST_1)

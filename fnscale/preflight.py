@@ -124,7 +124,8 @@ def check_ddp_timeout(seconds: int) -> None:
 
 
 def check_mask_combinations(cfg) -> None:
-    """Masking options that only make sense together (templates, --mask-effect, --mask-control, forward-only kernels)."""
+    """Masking options that only make sense together (templates, --mask-effect, --mask-control, forward-only
+    kernels)."""
     if cfg.mask_mode == "none":
         if cfg.ica_template_path or cfg.ica_component_ids:
             raise UsageError("--ica-template-path/--ica-component-ids need --mask-mode lesion or preserve")
@@ -147,7 +148,8 @@ def check_mask_combinations(cfg) -> None:
         )
     if (cfg.mask_effect or "update") == "update" and (cfg.mask_kernel == "triton" or cfg.compact == "on"):
         raise UsageError(
-            "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing is masked "
+            "--mask-kernel triton (CUDA) and --compact on compute forward masks, and with --mask-effect update nothing "
+            "is masked "
             "in the forward pass; add --mask-effect forward or drop them"
         )
 
@@ -169,7 +171,8 @@ def check_mask_options(cfg) -> Templates | None:
         outside = sorted(set(chosen) - set(templates.layers))
         if outside:
             raise UsageError(
-                f"--ica-layers {cfg.ica_layers} names layers {outside} that the template does not cover (it has {templates.layers})"
+                f"--ica-layers {cfg.ica_layers} names layers {outside} that the template does not cover (it has "
+                f"{templates.layers})"
             )
     return templates
 

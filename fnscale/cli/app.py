@@ -55,7 +55,8 @@ class FnscaleGroup(click.Group):
             ):
                 raise
             raise UserError(
-                "out of memory; lower --batch-size or --max-seq-length, or use --load-in-4bit or --gradient-checkpointing",
+                "out of memory; lower --batch-size or --max-seq-length, or use --load-in-4bit or "
+                "--gradient-checkpointing",
                 1,
             ) from err
 
@@ -65,7 +66,8 @@ class FnscaleGroup(click.Group):
 @click.version_option(package_name="fnscale")
 @click.pass_context
 def cli(ctx, debug):
-    """Functional-network selective fine-tuning: find networks (templates), mask them in SFT (train), measure forgetting (eval)."""
+    """Functional-network selective fine-tuning: find networks (templates), mask them in SFT (train), measure forgetting
+    (eval)."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 

@@ -56,8 +56,10 @@ def show(datasets, model, n, as_json, max_seq_length, batch_size, **opts):
         click.echo(f"{d['name']}: schema {d['schema']}, {d['examples']} examples, weight {d['weight']}")
     t = report["tokens"]
     click.echo(
-        f"tokens per example: min {t['min']}  mean {t['mean']}  median {t['median']:g}  p95 {t['p95']:g}  max {t['max']}; "
-        f"{t['over_max_seq_length']} longer than --max-seq-length {t['max_seq_length']} (truncated, keeping the last response)"
+        f"tokens per example: min {t['min']}  mean {t['mean']}  median {t['median']:g}  p95 {t['p95']:g}  max "
+        f"{t['max']}; "
+        f"{t['over_max_seq_length']} longer than --max-seq-length {t['max_seq_length']} (truncated, keeping the last "
+        "response)"
     )
     pad = report["padding"]
     click.echo(

@@ -67,7 +67,8 @@ def show(path):
     t = Templates.load(path)
     click.echo(
         f"model: {t.model or t.name or '?'}  site: {t.site}  scope: {t.scope}  kind: {t.kind}  "
-        f"components: {t.n_components}  percentile: {t.percentile}  layers: {len(t.layers)} x {t.neurons_per_layer} neurons"
+        f"components: {t.n_components}  percentile: {t.percentile}  layers: {len(t.layers)} x {t.neurons_per_layer} "
+        "neurons"
     )
     if t.datasets:
         click.echo(f"datasets: {', '.join(t.datasets)}")

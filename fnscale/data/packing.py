@@ -24,7 +24,8 @@ from fnscale.data.tokenize import IGNORE
 
 
 def pack_rows(items: list[dict], max_len: int) -> list[dict]:
-    """Whole examples packed into rows of at most max_len tokens (best-fit decreasing): {input_ids, labels, lengths, examples}."""
+    """Whole examples packed into rows of at most max_len tokens (best-fit decreasing): {input_ids, labels, lengths,
+    examples}."""
     order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
     room: list[
         tuple[int, int]
@@ -58,7 +59,8 @@ def _positions(lengths: list[int]) -> list[int]:
 
 
 def collate_packed(rows: list[dict], pad_id: int, flatten: bool = False) -> dict:
-    """{input_ids, labels, position_ids, use_cache} for packed rows; `flatten` joins them into one row (FlashAttention varlen)."""
+    """{input_ids, labels, position_ids, use_cache} for packed rows; `flatten` joins them into one row (FlashAttention
+    varlen)."""
     if flatten:
         rows = [
             {
@@ -76,7 +78,8 @@ def collate_packed(rows: list[dict], pad_id: int, flatten: bool = False) -> dict
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         positions[i, :n] = torch.tensor(_positions(r["lengths"]))
-    # use_cache=False: with a KV cache (the config default, even in training) transformers skips the packed-sequence check
+    # use_cache=False: with a KV cache (the config default, even in training) transformers skips the packed-sequence
+    # check
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
 
 

@@ -139,7 +139,8 @@ def detect_schema(columns, schema: str = "auto") -> str:
         if all(c in columns for c in shape.needs):
             return shape.name
     raise UsageError(
-        f"no usable columns: found {sorted(columns)}; expected one of {ACCEPTED} (or pass --prompt-column/--response-column)"
+        f"no usable columns: found {sorted(columns)}; expected one of {ACCEPTED} (or pass "
+        "--prompt-column/--response-column)"
     )
 
 

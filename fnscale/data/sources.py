@@ -170,7 +170,8 @@ def local_files(path: str) -> list[Path] | None:
     if None in kinds:
         bad = next(f for f in files if _data_suffix(f) not in BUILDERS)
         raise UsageError(
-            f"unsupported data file type {_data_suffix(bad) or bad.name!r} for {bad}; use .json, .jsonl, .csv, .parquet or .txt (optionally .gz)"
+            f"unsupported data file type {_data_suffix(bad) or bad.name!r} for {bad}; use .json, .jsonl, .csv, "
+            ".parquet or .txt (optionally .gz)"
         )
     if len(kinds) > 1:
         raise UsageError(f"{path} mixes file types {sorted(kinds)}; give each type as its own --dataset")
@@ -297,7 +298,8 @@ def _read_hub(spec: DatasetSpec):
     except Exception as err:
         if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
             raise UsageError(
-                f"cannot load dataset {spec.path!r}: not a local file, not in the datasets cache, and the hub is offline "
+                f"cannot load dataset {spec.path!r}: not a local file, not in the datasets cache, and the hub is "
+                "offline "
                 "(HF_HUB_OFFLINE=1); download it once online or pass a local .json/.jsonl/.csv/.parquet file"
             ) from err
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__

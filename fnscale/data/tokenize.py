@@ -41,7 +41,8 @@ def render_prompt(tokenizer, messages: list[dict], template: str = "auto") -> st
 
 
 def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool, bool]]:
-    """(text, trained, starts an assistant turn) pieces whose concatenation is the template's rendering of the conversation."""
+    """(text, trained, starts an assistant turn) pieces whose concatenation is the template's rendering of the
+    conversation."""
     segments, done = [], ""
     for j, m in enumerate(messages):
         if m["role"] != "assistant" or not any(p["role"] == "user" for p in messages[:j]):

@@ -131,7 +131,8 @@ def markdown(rep: dict) -> str:
     cfg = rep["config"]
     md = [f"# Forgetting report: {rep['model']}\n"]
     md.append(
-        f"Device {rep['device']}, {rep['dtype']}, seed {cfg['seed']}, max {cfg['max_seq_length']} tokens per sequence.\n"
+        f"Device {rep['device']}, {rep['dtype']}, seed {cfg['seed']}, max {cfg['max_seq_length']} tokens per "
+        "sequence.\n"
     )
     md.append(
         "Models: "
@@ -140,7 +141,8 @@ def markdown(rep: dict) -> str:
     )
     for t in rep["tasks"]:
         md.append(
-            f"Task `{t['name']}`: {t['source']} — split `{t['split']}`, {t['examples']} examples scored for loss, {t['generated']} generated.\n"
+            f"Task `{t['name']}`: {t['source']} — split `{t['split']}`, {t['examples']} examples scored for loss, "
+            f"{t['generated']} generated.\n"
         )
     for r in rep["retention"]:
         md.append(f"Retention `{r['name']}`: {r['source']} — {r['chunks']} windows; scored: {r['scored']}.\n")
@@ -221,22 +223,27 @@ def markdown(rep: dict) -> str:
         rows += [[f"{i + 1}. {lab}", *[_f(x) for x in row]] for i, (lab, row) in enumerate(zip(c["rows"], c["R"]))]
         md.append(_table(head, rows))
         md.append(
-            f"\nACC = {_f(c['ACC'])}, BWT = {_f(c['BWT'], signed=True)}, FWT = {_f(c['FWT'], signed=True)} (T = {c['T']}).\n"
+            f"\nACC = {_f(c['ACC'])}, BWT = {_f(c['BWT'], signed=True)}, FWT = {_f(c['FWT'], signed=True)} (T = "
+            f"{c['T']}).\n"
         )
         md.append(f"\n{c['convention']}\n")
 
     md.append(_samples(rep))
     md.append("\n## How the figures are computed\n")
     md.append(
-        "- **loss**: mean next-token negative log-likelihood (nats) over scored tokens; **ppl** = exp(loss). Task data scores the "
+        "- **loss**: mean next-token negative log-likelihood (nats) over scored tokens; **ppl** = exp(loss). Task data "
+        "scores the "
         "response tokens and EOS (prompt masked, as in training). Retention data scores every token it holds, in "
         f"non-overlapping windows (metric `{RETENTION_METRIC}`): plain text on its own tokens, with a BOS where the "
         "tokenizer adds one but no EOS or end-of-turn token and no chat template (a chat model's loss on an "
         "end-of-turn token after prose would mask forgetting); SFT data in its training rendering, every token.\n"
         "- **exact match**: greedy generation equals the reference after whitespace normalisation (case-sensitive).\n"
-        "- **token accuracy**: share of reference tokens (response + EOS) the greedy generation matches position by position.\n"
-        "- **Δ** = model − base: lower loss and higher accuracy are better; a positive retention Δ loss is forgetting.\n"
-        "- **task gain** = base task loss − model task loss; **retention cost** = model retention loss − base retention loss (means over tasks/corpora).\n"
+        "- **token accuracy**: share of reference tokens (response + EOS) the greedy generation matches position by "
+        "position.\n"
+        "- **Δ** = model − base: lower loss and higher accuracy are better; a positive retention Δ loss is "
+        "forgetting.\n"
+        "- **task gain** = base task loss − model task loss; **retention cost** = model retention loss − base "
+        "retention loss (means over tasks/corpora).\n"
     )
     if rep.get("notes"):
         md.append("\n## Notes\n" + "".join(f"- {n}\n" for n in rep["notes"]))
@@ -273,7 +280,8 @@ def _samples(rep: dict, n: int = 3) -> str:
         for i in range(count):
             ref = per_model[0][1][i]
             out.append(
-                f"\n**{t['name']} #{i + 1}** — prompt: {_one_line(ref['prompt'], tail=True)}\n\n- reference: {_one_line(ref['reference'])}\n"
+                f"\n**{t['name']} #{i + 1}** — prompt: {_one_line(ref['prompt'], tail=True)}\n\n- reference: "
+                f"{_one_line(ref['reference'])}\n"
             )
             out.extend(f"- {label}: {_one_line(s[i]['generation'])}\n" for label, s in per_model)
     return ("\n## Sample generations\n" + "".join(out)) if out else ""

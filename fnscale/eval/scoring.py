@@ -20,8 +20,10 @@ from fnscale.errors import UsageError
 NO_LIMIT = 10**9  # a max_len that never truncates (chunking happens afterwards)
 
 CL_CONVENTION = (
-    "Lopez-Paz & Ranzato (2017), GEM: R[i][j] is the score on task j after training on tasks 1..i (row i = checkpoint i, "
-    "in training order); b_j is the base model's score on task j (the paper uses a randomly initialised model; here the "
+    "Lopez-Paz & Ranzato (2017), GEM: R[i][j] is the score on task j after training on tasks 1..i (row i = checkpoint "
+    "i, "
+    "in training order); b_j is the base model's score on task j (the paper uses a randomly initialised model; here "
+    "the "
     "pre-trained base). With T tasks: ACC = (1/T) sum_j R[T][j]; BWT = 1/(T-1) sum_{j<T} (R[T][j] - R[j][j]) "
     "(negative = forgetting); FWT = 1/(T-1) sum_{j>1} (R[j-1][j] - b_j) (positive = earlier tasks helped a later one "
     "before it was trained). BWT and FWT need T >= 2."

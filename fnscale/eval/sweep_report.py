@@ -190,7 +190,8 @@ def comparison_table(comps: list[dict]) -> list[str]:
         "## Paired comparisons",
         "",
         (
-            "A - B over the seeds both finished (runs of one seed share data order and initial state); 95% interval from "
+            "A - B over the seeds both finished (runs of one seed share data order and initial state); 95% interval "
+            "from "
             "Student's t with n-1 degrees of freedom. Task gain: higher is better, so a positive difference favours A; "
             "retention cost (percentage points): lower is better, so a negative difference favours A. "
             "Shown: the interval excludes 0; otherwise the difference is not shown, whatever its sign."

@@ -197,7 +197,8 @@ def _apply_one(layer: MLPLayer, mask, site, kernel, triton_on, compact, undo) ->
         if layer.mlp_is_block:
             raise UsageError(
                 f"layer {layer.index} has no MLP submodule (its MLP layers sit in the decoder block), so its "
-                "MLP output cannot be hooked; use templates built at site intermediate (templates build --site intermediate, "
+                "MLP output cannot be hooked; use templates built at site intermediate (templates build --site "
+                "intermediate, "
                 "or --ica-site intermediate)"
             )
         undo.append(layer.mlp.register_forward_hook(_output_hook(copies)).remove)

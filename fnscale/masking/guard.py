@@ -195,7 +195,8 @@ def _protect(
 
 
 def weight_dim(layout: str, side: str) -> int:
-    """The weight dimension holding input (side "in") or output ("out") features: Linear is [out, in], Conv1D [in, out]."""
+    """The weight dimension holding input (side "in") or output ("out") features: Linear is [out, in], Conv1D [in,
+    out]."""
     return {("linear", "in"): 1, ("linear", "out"): 0, ("conv1d", "in"): 0, ("conv1d", "out"): 1}[(layout, side)]
 
 

@@ -58,7 +58,8 @@ class Masker:
         self.handle = None
 
     def no_decay_params(self) -> set[int]:
-        """Parameters AdamW must not decay: ZeRO-3's masked tensors, and the slice deltas (decayed by `bind_optimizer`)."""
+        """Parameters AdamW must not decay: ZeRO-3's masked tensors, and the slice deltas (decayed by
+        `bind_optimizer`)."""
         return self._decay_free | ({id(p) for p in self.deltas.parameters()} if self.deltas is not None else set())
 
     def bind_optimizer(self, optimizer) -> None:
@@ -155,7 +156,8 @@ def setup_masks(cfg, model, accelerator, templates: Templates) -> Masker:
 
 
 def _use_slices(option: str, effect: str, lora: bool, deepspeed: bool, kept: float) -> bool:
-    """--optimizer-slices: auto turns them on for update masks under full FT (no DeepSpeed) keeping under half the neurons."""
+    """--optimizer-slices: auto turns them on for update masks under full FT (no DeepSpeed) keeping under half the
+    neurons."""
     if option == "on" and deepspeed:
         raise UsageError(
             "--optimizer-slices on is not supported under DeepSpeed (ZeRO shards the dense weights' optimizer state "

@@ -45,7 +45,8 @@ class _Delta:
         return self.module.weight
 
     def on_device(self) -> torch.Tensor:
-        """The index on the weight's device, moved once (the deltas are made before `accelerator.prepare` moves the model)."""
+        """The index on the weight's device, moved once (the deltas are made before `accelerator.prepare` moves the
+        model)."""
         if self.index.device != self.delta.device:
             self.index = self.index.to(self.delta.device)
         return self.index

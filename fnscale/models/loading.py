@@ -153,7 +153,8 @@ def _check_gguf_architecture(path: Path) -> None:
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     if arch not in supported:
         raise UsageError(
-            f"GGUF file {path.name} has architecture {arch!r}, which transformers cannot load; supported: {', '.join(supported)}"
+            f"GGUF file {path.name} has architecture {arch!r}, which transformers cannot load; supported: "
+            f"{', '.join(supported)}"
         )
 
 
@@ -185,7 +186,8 @@ def resolve_model(name_or_path: str | None, gguf_file: str | None = None) -> Mod
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UsageError(
-                f"--model {name_or_path} is not a model folder (no config.json); pass a folder saved with save_pretrained, a .gguf file or a hub id"
+                f"--model {name_or_path} is not a model folder (no config.json); pass a folder saved with "
+                "save_pretrained, a .gguf file or a hub id"
             )
         if not os.access(path / "config.json", os.R_OK):
             raise UsageError(f"--model {name_or_path} is not readable; check its permissions")
@@ -203,7 +205,8 @@ def _hub_file(repo_id: str, filename: str) -> str:
         return hf_hub_download(repo_id, filename, token=hf_token())
     except Exception as err:  # offline, missing repo or file
         raise UsageError(
-            f"cannot fetch {filename} from {repo_id}: {type(err).__name__} (offline or wrong name?); pass a local path instead"
+            f"cannot fetch {filename} from {repo_id}: {type(err).__name__} (offline or wrong name?); pass a local path "
+            "instead"
         ) from err
 
 
@@ -232,7 +235,8 @@ def hf_token() -> str | None:
 def _hub_error(name: str, err: Exception) -> UsageError:
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
     return UsageError(
-        f"cannot load model {name!r}: it is not a local folder and the hub is unreachable or it does not exist ({msg[:160]}); pass a local folder or .gguf file"
+        f"cannot load model {name!r}: it is not a local folder and the hub is unreachable or it does not exist "
+        f"({msg[:160]}); pass a local folder or .gguf file"
     )
 
 

@@ -257,7 +257,8 @@ def _networks_section(facts: dict) -> list[str]:
     lines = [
         "## Functional networks",
         "",
-        f"`{NETWORKS_COPY}` in this folder: a copy of `{Path(facts['networks']).name}` (sha256 `{facts['networks_sha256']}`).",
+        f"`{NETWORKS_COPY}` in this folder: a copy of `{Path(facts['networks']).name}` (sha256 "
+        f"`{facts['networks_sha256']}`).",
         "",
     ]
     masked = facts["masked"]

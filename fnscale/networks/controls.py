@@ -28,7 +28,8 @@ def _draw(rng: np.random.Generator, neurons_by_layer: Mapping[int, np.ndarray], 
 
 
 def random_templates(like: Templates, seed: int) -> Templates:
-    """`like` with each component's neurons replaced by a size-matched random draw per layer; the metadata says it is a control."""
+    """`like` with each component's neurons replaced by a size-matched random draw per layer; the metadata says it is a
+    control."""
     rng = np.random.default_rng(seed)
     components = {c: _draw(rng, by_layer, like.neurons_per_layer) for c, by_layer in sorted(like.components.items())}
     name = f"random control of {like.name or like.model or 'templates'} (seed {seed})"

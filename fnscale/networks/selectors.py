@@ -65,7 +65,8 @@ def top_neurons(scores: Mapping[int, np.ndarray], counts: Mapping[int, int]) -> 
 
 
 def random_neurons(counts: Mapping[int, int], width: int, seed: int) -> dict[int, np.ndarray]:
-    """`random_like` on placeholders of the right sizes: the draw `train --mask-control random` makes for these counts."""
+    """`random_like` on placeholders of the right sizes: the draw `train --mask-control random` makes for these
+    counts."""
     return random_like({layer: np.zeros(n, dtype=np.int64) for layer, n in counts.items()}, width, seed)
 
 
@@ -144,7 +145,8 @@ def activation_scores(model, batches: Iterable[dict], site: str, layers: list[in
 
 
 def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per example, the summed next-token NLL over its labelled positions (labels != IGNORE); only those hit the softmax."""
+    """Per example, the summed next-token NLL over its labelled positions (labels != IGNORE); only those hit the
+    softmax."""
     target = labels[:, 1:]
     keep = target != IGNORE
     nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")

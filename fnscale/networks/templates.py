@@ -87,7 +87,8 @@ class Templates:
             raise UsageError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
         if self.neurons_per_layer < 1 or not self.layers or len(set(self.layers)) != len(self.layers):
             raise UsageError(
-                f"templates need >= 1 neuron per layer and a non-empty list of distinct layers, got {self.neurons_per_layer} and {self.layers}"
+                "templates need >= 1 neuron per layer and a non-empty list of distinct layers, got "
+                f"{self.neurons_per_layer} and {self.layers}"
             )
         if min(self.layers) < 0 or (self.num_layers is not None and max(self.layers) >= self.num_layers):
             raise UsageError(f"layer indices {self.layers} do not fit a model of {self.num_layers} layers")
@@ -321,7 +322,8 @@ class Templates:
         """Refuse a model this template was not built for (layer count, width, capture site)."""
         if site is not None and site != self.site:
             raise UsageError(
-                f"template was built at the {self.site!r} site, not {site!r}; use --site {self.site} or rebuild with `fnscale templates build`"
+                f"template was built at the {self.site!r} site, not {site!r}; use --site {self.site} or rebuild with "
+                "`fnscale templates build`"
             )
         fits_layers = max(self.layers) < num_layers if self.num_layers is None else self.num_layers == num_layers
         if not fits_layers or int(neurons_per_layer) != self.neurons_per_layer:
@@ -412,7 +414,8 @@ class Comparison:
             i = pos_a[ca]
             jb = int(np.argmax(self.iou[i]))
             lines.append(
-                f"{ca:>4} {cb:>4} {v:>6.3f} {self.sizes_a[i]:>7} {self.sizes_b[pos_b[cb]]:>7} {self.ids_b[jb]:>7} {self.iou[i, jb]:>8.3f}"
+                f"{ca:>4} {cb:>4} {v:>6.3f} {self.sizes_a[i]:>7} {self.sizes_b[pos_b[cb]]:>7} {self.ids_b[jb]:>7} "
+                f"{self.iou[i, jb]:>8.3f}"
             )
         lines.append(f"mean IoU of {len(self.pairs)} matched components: {self.mean_iou:.3f}")
         return "\n".join(lines) + "\n"

@@ -169,7 +169,8 @@ def checkpoint_kind(path: str, expected: str | None = None) -> str:
         raise UsageError(f"{path} is neither a PEFT adapter (adapter_config.json) nor a model folder (config.json)")
     if expected == "adapter" and kind != "adapter":
         raise UsageError(
-            f"--adapter {path} is not a PEFT adapter folder (no adapter_config.json); for a full model folder use --finetuned"
+            f"--adapter {path} is not a PEFT adapter folder (no adapter_config.json); for a full model folder use "
+            "--finetuned"
         )
     if expected == "finetuned" and kind != "finetuned":
         raise UsageError(f"--finetuned {path} is a PEFT adapter folder; pass it with --adapter")
@@ -190,13 +191,15 @@ def plan(cfg: EvalConfig) -> tuple[list[Variant], list[str]]:
     """The models and task sources to score, checked before anything heavy is loaded."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(
-            "fnscale eval runs as one process on one device; run it without `accelerate launch` (training uses RetentionProbe on every rank)"
+            "fnscale eval runs as one process on one device; run it without `accelerate launch` (training uses "
+            "RetentionProbe on every rank)"
         )
     if cfg.generate < 0 or cfg.batch_size < 1 or cfg.max_seq_length < 8:
         raise UsageError("--generate must be >= 0, --batch-size >= 1 and --max-seq-length >= 8")
     if cfg.lm_eval_tasks and not lm_eval_available():
         raise UsageError(
-            "--lm-eval-tasks needs the lm-eval harness: run `pip install lm-eval` (or `pip install fnscale[eval]`), or drop the flag"
+            "--lm-eval-tasks needs the lm-eval harness: run `pip install lm-eval` (or `pip install fnscale[eval]`), or "
+            "drop the flag"
         )
     variants = [Variant("base", "base")]
     taken = ["base"]
@@ -238,7 +241,8 @@ def task_set(tokenizer, source: str, cfg: EvalConfig, name: str) -> TaskSet:
     items = {"validation": sft.validation, "train": sft.train, "all": sft.train}[cfg.task_split]
     if not items:
         raise UsageError(
-            f"task data {source}: no held-out examples with --validation-split {cfg.validation_split}; raise it or use --task-split all"
+            f"task data {source}: no held-out examples with --validation-split {cfg.validation_split}; raise it or use "
+            "--task-split all"
         )
     gen = [items[i] for i in pick(len(items), cfg.generate, cfg.seed)] if cfg.generate else []
     return TaskSet(name, source, items, gen)
@@ -284,7 +288,8 @@ def run_lm_eval(
     except Exception as err:  # the harness raises many kinds; the user needs the first line
         msg = (str(err).splitlines() or [""])[0][:200]
         raise UsageError(
-            f"lm-eval tasks {','.join(tasks)} could not run ({type(err).__name__}: {msg}); check the task names and that their data can be downloaded"
+            f"lm-eval tasks {','.join(tasks)} could not run ({type(err).__name__}: {msg}); check the task names and "
+            "that their data can be downloaded"
         ) from err
     return {
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -376,7 +381,8 @@ def score_model(
     vocab = model.get_input_embeddings().num_embeddings
     if vocab < len(tokenizer):
         raise UsageError(
-            f"model has {vocab} embeddings but the base tokenizer has {len(tokenizer)} tokens; fine-tuned models must share the base tokenizer"
+            f"model has {vocab} embeddings but the base tokenizer has {len(tokenizer)} tokens; fine-tuned models must "
+            "share the base tokenizer"
         )
     result = {"task": {}, "retention": {}}
 
@@ -419,7 +425,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     for t in tasks if cfg.sequence else []:
         if not any(split_prompt(i)[0] for i in t.gen_items):
             raise UsageError(
-                f"sequence task {t.source} is plain text (no prompts), so --cl-metric {cfg.cl_metric} cannot be scored on it"
+                f"sequence task {t.source} is plain text (no prompts), so --cl-metric {cfg.cl_metric} cannot be scored "
+                "on it"
             )
     ret_sources = (
         [] if tuple(cfg.retention) == ("none",) else list(cfg.retention or (str(data.default_retention_path()),))

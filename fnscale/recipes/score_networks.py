@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 SCORES = {  # what a selection file says its score was
     "activation": "mean |activation| over the data's non-padding tokens",
-    "fisher": "mean over examples of (dL_e/dg)^2, L_e the example's summed NLL over its labelled tokens, g a per-neuron gate of ones",
+    "fisher": (
+        "mean over examples of (dL_e/dg)^2, L_e the example's summed NLL over its labelled tokens, "
+        "g a per-neuron gate of ones"
+    ),
 }
 
 
@@ -87,7 +90,8 @@ def prepare(cfg: NetworkDataConfig, templates: Templates) -> Scoring:
 
 
 def run_select(cfg: TemplatesSelectConfig) -> dict:
-    """`fnscale templates select`: as many neurons per layer as --like's chosen components, by --by; saved to --output."""
+    """`fnscale templates select`: as many neurons per layer as --like's chosen components, by --by; saved to
+    --output."""
     if not cfg.by or not cfg.like or not cfg.output:
         raise UsageError(
             "templates select needs --by activation|fisher|random, --like NETWORKS.json and --output FILE.json"
@@ -142,7 +146,8 @@ def run_rank(path: str, cfg: TemplatesRankConfig) -> dict:
     templates = Templates.load(path)
     if templates.source_format != "fnscale" and not cfg.output:
         raise UsageError(
-            f"{path} is a {templates.source_format} file; rank writes an fnscale networks file, so pass --output FILE.json"
+            f"{path} is a {templates.source_format} file; rank writes an fnscale networks file, so pass --output "
+            "FILE.json"
         )
     ids = (
         templates.component_ids

@@ -101,7 +101,8 @@ def _options(d, where: str, folder: Path, forbid: set[str] = frozenset()) -> dic
     bad = sorted(set(d) & (SET_BY_SWEEP | forbid))
     if bad:
         raise UsageError(
-            f"{where}: {', '.join(bad)} cannot be set here (the sweep sets seed and output_dir; the model belongs in `train`)"
+            f"{where}: {', '.join(bad)} cannot be set here (the sweep sets seed and output_dir; the model belongs in "
+            "`train`)"
         )
     return {k: v if (k, v) == ("ica_template_path", NETWORKS) else _local(v, folder) for k, v in d.items()}
 
@@ -274,11 +275,13 @@ def train_run(sweep: Sweep, run: Run, out: Path) -> dict:
     if code != 0:
         log_file = folder / "train.log"
         raise RunError(
-            f"run {run.run_id} failed (exit {code}): {_last_error(log_file)}; see {log_file}, fix and rerun (finished runs are kept)"
+            f"run {run.run_id} failed (exit {code}): {_last_error(log_file)}; see {log_file}, fix and rerun (finished "
+            "runs are kept)"
         )
     if not trained_model(opts).is_dir():
         raise RunError(
-            f"run {run.run_id} finished without a model in {trained_model(opts)} (stopped by a signal?); rerun the sweep to resume it"
+            f"run {run.run_id} finished without a model in {trained_model(opts)} (stopped by a signal?); rerun the "
+            "sweep to resume it"
         )
     return opts
 
@@ -313,7 +316,8 @@ def read_done(folder: Path) -> dict | None:
 
 
 def fingerprint(sweep: Sweep, run: Run | None, out: Path) -> dict:
-    """What a result depends on: the run's resolved train options (not its folder) or the base model, and the eval options."""
+    """What a result depends on: the run's resolved train options (not its folder) or the base model, and the eval
+    options."""
     if run is None:
         train = {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}
     else:
@@ -328,7 +332,8 @@ def finished(folder: Path, expected: dict) -> dict | None:
     done = read_done(folder)
     if done is not None and done.get("config") != expected:
         raise UsageError(
-            f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick another --output"
+            f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick "
+            "another --output"
         )
     from fnscale.eval.scoring import RETENTION_METRIC
 
@@ -393,7 +398,8 @@ def build_networks(sweep: Sweep, out: Path) -> dict:
     done = read_done(folder)  # not `finished`: networks have no retention metric
     if done is not None and done.get("config") != expected:
         raise UsageError(
-            f"{folder} was made with other networks options than the sweep file now gives; remove it or pick another --output"
+            f"{folder} was made with other networks options than the sweep file now gives; remove it or pick another "
+            "--output"
         )
     if done is None:
         log.info("finding the functional networks (templates build) into %s", folder)
@@ -422,7 +428,8 @@ def listing(sweep: Sweep) -> list[str]:
 
 
 def check_inputs(sweep: Sweep, runs: list[Run], out: Path) -> None:
-    """Refuse up front a run whose templates file is missing: otherwise it fails only after the runs before it trained."""
+    """Refuse up front a run whose templates file is missing: otherwise it fails only after the runs before it
+    trained."""
     for run in runs:
         path = resolved_options(sweep, run, out).get("ica_template_path")
         built = sweep.networks is not None and path == str(networks_file(out))  # built before the runs

@@ -62,7 +62,8 @@ STOP_CHECK_STEPS = 5  # under several ranks, the stop flag is all-reduced every 
 
 @dataclass
 class Progress:
-    """Where the run stands: optimizer steps done, the epoch and the batches of it consumed (the resume point), totals."""
+    """Where the run stands: optimizer steps done, the epoch and the batches of it consumed (the resume point),
+    totals."""
 
     step: int = 0
     epoch: int = 0
@@ -199,7 +200,8 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig) -> dict[str, str
         try:
             if state_dict is None or not state_dict:
                 raise RunError(
-                    "the gathered model state is empty; with ZeRO-3 set zero3_save_16bit_model: true in the DeepSpeed config"
+                    "the gathered model state is empty; with ZeRO-3 set zero3_save_16bit_model: true in the DeepSpeed "
+                    "config"
                 )
             with atomic_dir(out / "final") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -234,7 +236,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
     """Run SFT as configured; returns the run summary (also written to output_dir/summary.json).
 
     `build_model(cfg, accelerator) -> (source, tokenizer, model)` and `save_final(accelerator, model, tokenizer, cfg)
-    -> {name: path}` can be swapped: tests wrap them to record what each rank trained on, benchmarks to read peak memory.
+    -> {name: path}` can be swapped: tests wrap them to record what each rank trained on, benchmarks to read peak
+    memory.
     """
     # Checks and setup: cheap validation first, nothing heavy is loaded for a configuration that cannot run.
     templates = check(cfg)
@@ -298,7 +301,8 @@ def train(cfg: TrainConfig, *, build_model=build_model, save_final=save_final) -
         summary["stopped"] = "signal"
         if not stop.interrupted:
             accelerator.print(
-                f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint auto"
+                f"stopped by signal at step {progress.step}; checkpoint saved, resume with --resume-from-checkpoint "
+                "auto"
             )
     else:
         summary.update(trainer.final_scores(progress.step, retention))
@@ -420,7 +424,8 @@ def _loaders(cfg: TrainConfig, sft, tokenizer, flatten: bool = False) -> tuple[D
 
 
 def _train_loader(cfg: TrainConfig, items: list[dict], pad_id: int, flatten: bool) -> DataLoader:
-    """Shuffled batches: padded (optionally length-grouped), or --packing rows of whole examples (flattened for FlashAttention)."""
+    """Shuffled batches: padded (optionally length-grouped), or --packing rows of whole examples (flattened for
+    FlashAttention)."""
     if cfg.packing:
         rows = packing.pack_rows(items, cfg.max_seq_length)
         collate = partial(packing.collate_packed, pad_id=pad_id, flatten=flatten)
@@ -470,7 +475,8 @@ def make_optimizer(model, lr: float, weight_decay: float, no_decay_params: set[i
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int, n_processes: int):
-    """The prepared scheduler steps once per process per optimizer step (Accelerate's convention), so its length is scaled."""
+    """The prepared scheduler steps once per process per optimizer step (Accelerate's convention), so its length is
+    scaled."""
     warmup = int(cfg.warmup_ratio * total_steps) * n_processes
     return get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps * n_processes
@@ -615,7 +621,8 @@ class Trainer:
         )
         if progress.bad_in_row >= self.cfg.max_bad_steps:
             raise RunError(
-                f"{progress.bad_in_row} non-finite steps in a row; lower --learning-rate or use --dtype float32/bfloat16 (last good checkpoint kept)"
+                f"{progress.bad_in_row} non-finite steps in a row; lower --learning-rate or use --dtype "
+                "float32/bfloat16 (last good checkpoint kept)"
             )
 
     def _after_step(self, progress: Progress, stop: StopRequested, bar) -> bool:
@@ -661,7 +668,8 @@ class Trainer:
         return sharded_loss(self.model, self._val_batches, self.accelerator)
 
     def final_scores(self, step: int, retention: RetentionProbe | None) -> dict:
-        """Validation loss, then the masks come off (the saved model runs unmasked) and retention is measured after training."""
+        """Validation loss, then the masks come off (the saved model runs unmasked) and retention is measured after
+        training."""
         scores = {}
         if self.p.val_loader is not None:
             scores["eval_loss"] = self.evaluate()
@@ -705,7 +713,8 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: dict) -> Path:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunError(
-            f"could not save checkpoint {target}: {err.strerror or err}; free disk space and resume with --resume-from-checkpoint auto"
+            f"could not save checkpoint {target}: {err.strerror or err}; free disk space and resume with "
+            "--resume-from-checkpoint auto"
         ) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -93,7 +93,8 @@ def check_launch_env() -> None:
     """Refuse launch settings that silently misbehave."""
     if _requested_fsdp() and _use_cpu():
         raise UsageError(
-            "FSDP does not run on CPU under Accelerate (the ranks would silently train unsynchronised copies); on CPU use DDP (launch_configs/cpu_2proc.yaml) "
+            "FSDP does not run on CPU under Accelerate (the ranks would silently train unsynchronised copies); on CPU "
+            "use DDP (launch_configs/cpu_2proc.yaml) "
             "or DeepSpeed (launch_configs/cpu_2proc_zero2.yaml / cpu_2proc_zero3.yaml)"
         )
     if _requested_deepspeed():
@@ -101,12 +102,14 @@ def check_launch_env() -> None:
 
         if importlib.util.find_spec("deepspeed") is None:
             raise UsageError(
-                "the launch config asks for DeepSpeed but it is not installed; `pip install deepspeed` or pick a DDP config"
+                "the launch config asks for DeepSpeed but it is not installed; `pip install deepspeed` or pick a DDP "
+                "config"
             )
         _resolve_deepspeed_config_file()
         if _truthy("ACCELERATE_USE_CPU") and _has_accelerator_device():
             raise UsageError(
-                "DeepSpeed with use_cpu: true on a machine with a GPU would mix devices; drop use_cpu (or use a DDP config for CPU)"
+                "DeepSpeed with use_cpu: true on a machine with a GPU would mix devices; drop use_cpu (or use a DDP "
+                "config for CPU)"
             )
 
 
@@ -181,7 +184,8 @@ def make_accelerator(
     if multi:
         kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else None, timeout=timedelta(seconds=timeout_s))]
         if cpu and _requested_deepspeed():
-            # Accelerate skips DeepSpeed entirely when it believes it runs on CPU; DeepSpeed picks its CPU accelerator itself.
+            # Accelerate skips DeepSpeed entirely when it believes it runs on CPU; DeepSpeed picks its CPU accelerator
+            # itself.
             os.environ["ACCELERATE_USE_CPU"] = "false"
         elif cpu:
             force_cpu = True  # MULTI_CPU: DDP over gloo
@@ -300,18 +304,22 @@ def deepspeed_param_dtype(accelerator):
 
 
 def check_quantized_launch(accelerator, load_in_4bit: bool, load_in_8bit: bool, dtype) -> None:
-    """Refuse bitsandbytes + DeepSpeed combinations that fail or silently do not shard (verified on CPU, see docs/cluster.md)."""
+    """Refuse bitsandbytes + DeepSpeed combinations that fail or silently do not shard (verified on CPU, see
+    docs/cluster.md)."""
     if load_in_8bit and zero_stage(accelerator) == 3:
         raise UsageError(
-            "--load-in-8bit with ZeRO-3: bitsandbytes 8-bit layers keep a whole copy of their int8 weights on every rank "
-            "after the first forward, so ZeRO-3 cannot shard them; use --load-in-4bit with ZeRO-3, or 8-bit with DDP or ZeRO-2"
+            "--load-in-8bit with ZeRO-3: bitsandbytes 8-bit layers keep a whole copy of their int8 weights on every "
+            "rank "
+            "after the first forward, so ZeRO-3 cannot shard them; use --load-in-4bit with ZeRO-3, or 8-bit with DDP "
+            "or ZeRO-2"
         )
     ds_dtype = deepspeed_param_dtype(accelerator)
     if load_in_4bit and ds_dtype is not None and ds_dtype != dtype:
         name = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
         want, have = name.get(str(ds_dtype), str(ds_dtype)), name.get(str(dtype), str(dtype))
         raise UsageError(
-            f"DeepSpeed casts parameters to {want} (mixed_precision of the launch config), which would corrupt 4-bit weights "
+            f"DeepSpeed casts parameters to {want} (mixed_precision of the launch config), which would corrupt 4-bit "
+            "weights "
             f"packed in {have}; pass --dtype {want} so the 4-bit storage matches, or use mixed_precision: 'no'"
         )
 
