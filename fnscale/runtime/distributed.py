@@ -402,16 +402,11 @@ def joined_group() -> bool:
 
 
 def exit_process(code) -> None:
-    """Leave a rank of a multi-process run with the command's own status, skipping interpreter teardown (else return).
+    """Leave a rank of a multi-process run with the command's own status, skipping interpreter teardown.
 
-    Why (from a core dump of an aborted rank): gloo's worker thread frees each finished collective, and the tensors it
-    held, just after the caller has its result. If the interpreter is finalising by then (the last collective right
-    before exit), that thread cannot take the GIL, Python ends it with pthread_exit, and the unwind through torch's
-    noexcept frames calls std::terminate: a finished rank dies with SIGABRT ("terminate called without an active
-    exception") and the launcher reports a failed run, about one launch in 20. Destroying the group does not stop
-    that thread (the model still holds the group), and Accelerate's `end_training` has destroyed it already.
-    So every rank that joined a group meets the others (after a success), destroys its group, flushes, and leaves with
-    `os._exit`. A process that never joined one (one process, or a mistake refused before the group) exits normally."""
+    After a success the ranks meet at a barrier; each destroys its group, flushes and leaves with `os._exit`, because
+    a gloo worker thread still freeing tensors during finalisation aborts the process (docs/architecture.md, "Process
+    exit"). A process that never joined a group (one process, a mistake refused first) returns and exits normally."""
     import sys
 
     if not joined_group():
