@@ -485,6 +485,26 @@ def config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}, lines
 
 
+def keys_of(d, where: str, allowed: set[str], hint: str) -> dict:
+    """A YAML mapping with dashes normalised to underscores; unknown keys refused in one line ending with `hint`."""
+    if not isinstance(d, dict):
+        raise UsageError(f"{where} must be a mapping of key: value")
+    d = {str(k).replace("-", "_"): v for k, v in d.items()}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; {hint}")
+    return d
+
+
+def local_paths(value, folder: Path):
+    """Paths relative to a YAML file's folder become absolute when they exist there, so runs can start anywhere."""
+    if isinstance(value, list):
+        return [local_paths(v, folder) for v in value]
+    if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+        return str((folder / value).resolve())
+    return value
+
+
 def load_yaml(path: str | Path) -> dict:
     """A config file's options as {field_name: value} (dashes in keys read as underscores)."""
     return config_file(path)[0]

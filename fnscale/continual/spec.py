@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fnscale.config import TrainConfig, load_yaml
+from fnscale.config import TrainConfig, keys_of, load_yaml, local_paths
 from fnscale.errors import UsageError
 
 FILE_KEYS = {
@@ -130,22 +130,7 @@ class Sequence:
 
 
 def _mapping(d, where: str, allowed: set[str]) -> dict:
-    if not isinstance(d, dict):
-        raise UsageError(f"{where} must be a mapping of key: value")
-    d = {str(k).replace("-", "_"): v for k, v in d.items()}
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return d
-
-
-def local(value, folder: Path):
-    """A path relative to the sequence file's folder becomes absolute when it exists there."""
-    if isinstance(value, list):
-        return [local(v, folder) for v in value]
-    if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
-        return str((folder / value).resolve())
-    return value
+    return keys_of(d, where, allowed, f"allowed: {', '.join(sorted(allowed))}")
 
 
 def train_options(d, where: str, folder: Path) -> dict:
@@ -156,7 +141,7 @@ def train_options(d, where: str, folder: Path) -> dict:
             f"{where}: {', '.join(bad)} cannot be set here: `fnscale cl` sets them per stage "
             "(the model belongs in `train`)"
         )
-    return {k: local(v, folder) for k, v in d.items()}
+    return {k: local_paths(v, folder) for k, v in d.items()}
 
 
 def _task(raw, i: int, folder: Path) -> Task:
@@ -164,7 +149,12 @@ def _task(raw, i: int, folder: Path) -> Task:
         raise UsageError(f"tasks[{i}] needs `name`, `train` (training data) and `eval` (evaluation data)")
     raw = _mapping(raw, f"tasks[{i}] ({raw['name']})", TASK_KEYS)
     t = Task(
-        **{**raw, "name": str(raw["name"]), "train": local(raw["train"], folder), "eval": local(raw["eval"], folder)}
+        **{
+            **raw,
+            "name": str(raw["name"]),
+            "train": local_paths(raw["train"], folder),
+            "eval": local_paths(raw["eval"], folder),
+        }
     )
     if t.metric not in METRICS:
         raise UsageError(f"task {t.name}: metric {t.metric!r} is not one of {', '.join(METRICS)}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from fnscale.config import EvalConfig, TemplatesBuildConfig, TrainConfig, load_yaml, merge
+from fnscale.config import EvalConfig, TemplatesBuildConfig, TrainConfig, keys_of, load_yaml, local_paths, merge
 from fnscale.errors import RunError, UsageError
 from fnscale.runtime.atomic import write_json, write_text
 
@@ -77,22 +77,7 @@ class Sweep:
 
 
 def _keys(d, where: str, allowed: set[str], command: str = "train") -> dict:
-    if not isinstance(d, dict):
-        raise UsageError(f"{where} must be a mapping of option: value")
-    d = {str(k).replace("-", "_"): v for k, v in d.items()}
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)}; see `fnscale {command} --help`")
-    return d
-
-
-def _local(value, folder: Path):
-    """Paths relative to the sweep file's folder become absolute, so runs can start anywhere."""
-    if isinstance(value, list):
-        return [_local(v, folder) for v in value]
-    if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
-        return str((folder / value).resolve())
-    return value
+    return keys_of(d, where, allowed, f"see `fnscale {command} --help`")
 
 
 def _options(d, where: str, folder: Path, forbid: set[str] = frozenset()) -> dict:
@@ -104,7 +89,7 @@ def _options(d, where: str, folder: Path, forbid: set[str] = frozenset()) -> dic
             f"{where}: {', '.join(bad)} cannot be set here (the sweep sets seed and output_dir; the model belongs in "
             "`train`)"
         )
-    return {k: v if (k, v) == ("ica_template_path", NETWORKS) else _local(v, folder) for k, v in d.items()}
+    return {k: v if (k, v) == ("ica_template_path", NETWORKS) else local_paths(v, folder) for k, v in d.items()}
 
 
 def _grid_configs(blocks, folder: Path) -> list[tuple[str, dict]]:
@@ -169,7 +154,7 @@ def load(path: str | os.PathLike) -> Sweep:
     sweep = Sweep(
         Path(path),
         _options(raw.get("train") or {}, "train", folder),
-        {k: _local(v, folder) for k, v in eval_opts.items()},
+        {k: local_paths(v, folder) for k, v in eval_opts.items()},
         seeds,
         configs,
         raw.get("reference"),
@@ -218,7 +203,7 @@ def _networks_section(raw, path, folder: Path, sweep: Sweep) -> dict | None:
         )
     if isinstance(opts.get("dataset"), str):
         opts["dataset"] = [opts["dataset"]]
-    return {k: _local(v, folder) for k, v in opts.items()}
+    return {k: local_paths(v, folder) for k, v in opts.items()}
 
 
 def _uses_networks(opts: dict) -> bool:
