@@ -485,14 +485,14 @@ def config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}, lines
 
 
-def keys_of(d, where: str, allowed: set[str], hint: str) -> dict:
+def keys_of(d, where: str, allowed: set[str], hint: str, noun: str = "key") -> dict:
     """A YAML mapping with dashes normalised to underscores; unknown keys refused in one line ending with `hint`."""
     if not isinstance(d, dict):
         raise UsageError(f"{where} must be a mapping of key: value")
     d = {str(k).replace("-", "_"): v for k, v in d.items()}
     unknown = sorted(set(d) - allowed)
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; {hint}")
+        raise UsageError(f"{where}: unknown {noun}(s) {', '.join(unknown)}; {hint}")
     return d
 
 

@@ -72,7 +72,7 @@ def test_exit_process_returns_where_no_group_was_joined():
 
 def test_status_exchange_reraises_the_local_error_on_one_process():
     class One:
-        num_processes = 1
+        num_processes, process_index = 1, 0
 
     raise_if_any_failed(One(), None, "saving")
     err = RunError("disk full")

@@ -77,7 +77,7 @@ class Sweep:
 
 
 def _keys(d, where: str, allowed: set[str], command: str = "train") -> dict:
-    return keys_of(d, where, allowed, f"see `fnscale {command} --help`")
+    return keys_of(d, where, allowed, f"see `fnscale {command} --help`", noun="option")
 
 
 def _options(d, where: str, folder: Path, forbid: set[str] = frozenset()) -> dict:
