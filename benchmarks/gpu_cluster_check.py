@@ -234,16 +234,21 @@ class Run:
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
         return (errors[-1] if errors else (lines[-1] if lines else "failed"))[:300]
 
-    def steps(self) -> list[dict]:
+    @property
+    def tail(self) -> list[str]:
+        """The output's last lines (kept in the JSON report of a failed check)."""
+        return self.output.strip().splitlines()[-25:]
+
+    def records(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        return [r for r in records if "step_time_s" in r]
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def steps(self) -> list[dict]:
+        return [r for r in self.records() if "step_time_s" in r]
 
     def record(self, key: str):
         """The first metrics.jsonl value of `key`, or None."""
-        path = self.out / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        return next((r[key] for r in records if key in r), None)
+        return next((r[key] for r in self.records() if key in r), None)
 
 
 @dataclass
@@ -311,22 +316,26 @@ class Checker:
             "final_loss": steps[-1]["loss"] if steps else math.nan,
         }
 
-    def speed_row(self, name: str, run: Run, note: str = "") -> dict:
+    def speed_row(self, name: str, run: Run) -> dict:
         """The row of a training check that only has to run: step time, tokens/s, peak memory, final loss."""
         if not run.ok:
-            return row(name, "FAIL", run.error, wall_s=run.wall_s)
+            return failed(name, run)
         t = self.timing(run)
         mem_key = "peak_gpu_gib" if self.cuda else "peak_rss_gib"
         mem = run.report.get(mem_key, math.nan)
         figures = (
             f"{t['step_time_s']:.4f} s/step, {t['tokens_per_s']:.0f} tok/s, {mem_key} {mem:.3f}, "
-            f"loss {t['final_loss']:.4f}, {run.wall_s:.0f} s{note}"
+            f"loss {t['final_loss']:.4f}, {run.wall_s:.0f} s"
         )
         return row(name, "ok", figures, wall_s=run.wall_s, **t, **run.report)
 
 
 def row(check: str, status: str, figures: str, **data) -> dict:
     return {"check": check, "status": status, "figures": figures, **data}
+
+
+def failed(check: str, run: Run, what: str = "") -> dict:
+    return row(check, "FAIL", f"{what}{run.error}", wall_s=run.wall_s, tail=run.tail)
 
 
 def missing(*modules: str) -> dict | None:
@@ -375,7 +384,7 @@ def check_fp16_overflow(c: Checker) -> dict:
     prec = "fp16-mixed" if c.cuda else "fp32"  # fp16 needs CUDA; on the CPU the skip path runs without a GradScaler
     run = c.train("fp16-overflow", ["--no-lora", "--precision", prec], env={NAN_FORWARD_ENV: str(NAN_AT)})
     if not run.ok:
-        return row("fp16-overflow", "FAIL", run.error, wall_s=run.wall_s)
+        return failed("fp16-overflow", run)
     skipped = len(re.findall(r"step skipped", run.output))
     losses = [r["loss"] for r in run.steps()]
     t = c.timing(run)
@@ -395,7 +404,7 @@ def check_bf16_moves_weights(c: Checker) -> dict:
     for label, extra in (("default", []), ("bf16-true", ["--precision", "bf16-true"])):
         run = c.train(f"bf16-{label}", ["--no-lora", "--learning-rate", "2e-5", *extra])
         if not run.ok:
-            return row("bf16-moves-weights", "FAIL", f"{label}: {run.error}")
+            return failed("bf16-moves-weights", run, f"{label}: ")
         after, dtype = read_tensor(run.out / "final", WEIGHT)
         base = before.to(dtype).float()  # the starting point as that run held it
         share = float((after != base).float().mean())
@@ -415,12 +424,12 @@ def check_cuml_pca(c: Checker) -> dict:
     runs = {backend: c.templates_build(backend) for backend in (first, "torch")}
     for backend, run in runs.items():
         if not run.ok:
-            return row("cuml-pca", "FAIL", f"{backend}: {run.error}")
+            return failed("cuml-pca", run, f"{backend}: ")
     paths = [str(run.out / "global_templates.json") for run in runs.values()]
     cmp = c.sh([sys.executable, "-m", "fnscale", "templates", "compare", *paths], c.workdir)
     found = re.search(r"mean IoU of \d+ matched components: ([0-9.]+)", cmp.output)
     if not cmp.ok or not found:
-        return row("cuml-pca", "FAIL", f"templates compare: {cmp.error}")
+        return failed("cuml-pca", cmp, "templates compare: ")
     iou = float(found.group(1))
     status = ("ok" if iou >= IOU_AGREE else "FAIL") + ("" if has_cuml else " (numpy in place of cuML)")
     builds = ", ".join(f"{b} {r.wall_s:.0f} s" for b, r in runs.items())
@@ -436,7 +445,7 @@ def check_step_time(c: Checker) -> dict:
             name = f"step-time-{kind}-log{interval}"
             run = c.train(name, [*flags, "--max-steps", str(steps), "--logging-steps", str(interval)])
             if not run.ok:
-                return row("step-time", "FAIL", f"{name}: {run.error}")
+                return failed("step-time", run, f"{name}: ")
             data[name] = t = c.timing(run, interval)
             parts.append(f"{t['step_time_s'] * 1000:.1f} ms {t['tokens_per_s']:.0f} tok/s")
         figures.append(f"{kind}: " + " vs ".join(parts))
