@@ -166,12 +166,15 @@ def read_traces(trace_dir: Path) -> dict[int, dict]:
 
 def train_config(argv: list[str]):
     """`fnscale train` flags (argv[0] == "train") as a TrainConfig, parsed by the CLI's own Click command."""
+    import dataclasses
+
     from fnscale.cli.app import train as train_command
     from fnscale.config import TrainConfig
 
     assert argv[0] == "train", argv
     params = train_command.make_context("train", list(argv[1:])).params
-    return TrainConfig(**{k: v for k, v in params.items() if k != "config_file"})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # not the command's own flags (--config, --print-config)
+    return TrainConfig(**{k: v for k, v in params.items() if k in fields})
 
 
 def _probe_main() -> None:
