@@ -428,7 +428,12 @@ def test_unreachable_hub_is_refused_at_once(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(UsageError, match=r"hub is unreachable \(127.0.0.1: Connection refused\)"):
         paths.check_hub_model("nobody/nothing-here")
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+
+    def silent_network(*args, **kwargs):  # no answer, then the timeout a real connect would raise
+        time.sleep(3)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", silent_network)
     start = time.monotonic()
     with pytest.raises(UsageError, match="no answer from 127.0.0.1 within 0.3 s"):
         paths.check_hub_model("nobody/nothing-here", timeout_s=0.3)
