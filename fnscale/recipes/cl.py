@@ -29,7 +29,7 @@ from fnscale.config import EvalConfig, TrainConfig
 from fnscale.continual import benchmarks, protect, report, spec
 from fnscale.continual.spec import Job, Sequence
 from fnscale.errors import RunError, UsageError
-from fnscale.recipes.sweep import DONE, _last_error, read_done, train_command, trained_model
+from fnscale.recipes.sweep import DONE, _last_error, done_with, read_done, train_command, trained_model
 from fnscale.runtime.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -310,12 +310,7 @@ def run_job(seq: Sequence, job: Job, out: Path) -> bool:
 
 def finished(folder: Path, expected: dict) -> dict | None:
     """The stage's done-marker if made with the expected options; one made with others is refused, not mixed in."""
-    done = read_done(folder)
-    if done is not None and done.get("config") != expected:
-        raise UsageError(
-            f"{folder} was made with other options than the sequence file now gives; remove it or pick another --output"
-        )
-    return done
+    return done_with(folder, expected, "options than the sequence file")
 
 
 def _drop_model(folder: Path) -> None:

@@ -312,14 +312,17 @@ def fingerprint(sweep: Sweep, run: Run | None, out: Path) -> dict:
     return json.loads(json.dumps({"train": train, "eval": sweep.eval}))  # as done.json stores it
 
 
-def finished(folder: Path, expected: dict) -> dict | None:
-    """The done-marker of a result made with the expected options; one made with others is refused, not mixed in."""
+def done_with(folder: Path, expected: dict, options: str) -> dict | None:
+    """The done-marker of a result made with the expected options; one made with other `options` is refused."""
     done = read_done(folder)
     if done is not None and done.get("config") != expected:
-        raise UsageError(
-            f"{folder} was made with other train or eval options than the sweep file now gives; remove it or pick "
-            "another --output"
-        )
+        raise UsageError(f"{folder} was made with other {options} now gives; remove it or pick another --output")
+    return done
+
+
+def finished(folder: Path, expected: dict) -> dict | None:
+    """The done-marker of a scored result made with the expected options and the current retention metric."""
+    done = done_with(folder, expected, "train or eval options than the sweep file")
     from fnscale.eval.scoring import RETENTION_METRIC
 
     if done is not None and done.get("retention_metric") != RETENTION_METRIC:  # figures of two metrics must not mix
@@ -380,12 +383,7 @@ def build_networks(sweep: Sweep, out: Path) -> dict:
     expected = json.loads(
         json.dumps({"model": {k: sweep.train.get(k) for k in sorted(BASE_ONLY)}, "networks": sweep.networks})
     )
-    done = read_done(folder)  # not `finished`: networks have no retention metric
-    if done is not None and done.get("config") != expected:
-        raise UsageError(
-            f"{folder} was made with other networks options than the sweep file now gives; remove it or pick another "
-            "--output"
-        )
+    done = done_with(folder, expected, "networks options than the sweep file")  # no retention metric here
     if done is None:
         log.info("finding the functional networks (templates build) into %s", folder)
         chosen = {"model": sweep.train.get("model"), "gguf_file": sweep.train.get("gguf_file"), "output": str(folder)}
