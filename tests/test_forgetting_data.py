@@ -80,3 +80,21 @@ def test_benchmark_sweep_file_loads():
     assert s.train["lora"] is False and s.reference == "full-ft"
     assert yaml.safe_load((BENCH / "sweep.yaml").read_text())["train"]["learning_rate"] == 3.0e-4
     assert json.dumps(s.eval)  # plain data, as done.json stores it
+
+
+def test_selection_study_shares_the_benchmark_runs():
+    """study.yaml (docs/experiments.md): the configurations it shares with sweep.yaml are the same runs (same train
+    and eval options, so finished run folders are reused), each selection is read against a random control of the
+    same networks, and every compared pair names configurations of the file."""
+    bench, study = sweep.load(BENCH / "sweep.yaml"), sweep.load(BENCH / "study.yaml")
+    b, s = dict(bench.configs), dict(study.configs)
+    assert study.train == bench.train and study.eval == bench.eval and study.seeds == [1, 2, 3, 4, 5]
+    shared = ["full-ft", "full-ft-lr3e-5", "lora", "lesion-update", "lesion-update-random"]
+    assert all(s[name] == b[name] for name in shared)
+    for prefix in ("", "lora-", "lr3e-5-"):
+        assert {**s[prefix + "ica-top3"], "mask_control": "random"} == s[prefix + "random-top3"]
+        assert s[prefix + "ica-top3"]["ica_component_ids"] == "top:3"
+    for by in ("activation", "fisher"):
+        for size in ("top3", "all10"):
+            assert s[f"{by}-{size}"]["ica_template_path"].endswith(f"networks/{by}-{size}.json")
+    assert all(a in s and z in s for a, z in study.compare)
