@@ -340,7 +340,7 @@ def collect(seq: Sequence, out: Path) -> dict:
 
 def run_cl(path: str, output: str, only: tuple[int, ...] = (), report_only: bool = False) -> dict:
     """Run (or with `only`, part of) the sequence's jobs, then write the report; returns {trained, skipped, report}."""
-    out = Path(output)
+    out = Path(output).absolute()  # stages train with their own folder as cwd
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; pick a folder")
     seq = load(path, out)
