@@ -75,8 +75,13 @@ def _sequence(tmp_path, tiny_llama, arms, tasks=None, **train) -> str:
     return str(path)
 
 
+def _model(stage: Path) -> Path:
+    """The stage's model, as its done-marker names it (a first stage's lives in OUT/first/, shared)."""
+    return Path(json.loads((stage / "done.json").read_text())["model"])
+
+
 def _weights(stage: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(stage / "train" / "final" / "model.safetensors"))
+    return load_file(str(_model(stage) / "model.safetensors"))
 
 
 def _mlp_rows(w: dict, layer: int, neurons) -> list[torch.Tensor]:
@@ -113,11 +118,19 @@ def test_arms_run_their_methods_and_protected_neurons_stay_bit_identical(tmp_pat
     run = next(r for r in rep["runs"] if r["arm"] == "sequential")
     for k, task in enumerate(run["tasks"]):
         stage = out / "runs" / "sequential-seed1-order1" / f"stage{k + 1}-{task}"
-        direct = cl.score(seq, str(stage / "train" / "final"), list(seq.tasks))
+        direct = cl.score(seq, str(_model(stage)), list(seq.tasks))
         assert run["R"][k] == [100 * direct[t]["exact_match"] for t in run["tasks"]]
     assert run["AA"] == pytest.approx(metrics.summary(run["R"])["AA"]) and run["single"][0] is not None
     base = json.loads((out / "base" / "done.json").read_text())["scores"]
     assert run["base"] == [100 * base[t]["exact_match"] for t in run["tasks"]]
+
+    # Every first stage is one training from the base, shared by the five arms and the capital reference.
+    firsts = sorted(p.name.rsplit("-", 1)[0] for p in (out / "first").iterdir())
+    assert firsts == ["capital-seed1", "fruit-seed1", "river-seed1"]
+    shared = {_model(out / f"runs/{a['name']}-seed1-order1/stage1-capital") for a in arms}
+    assert shared == {_model(out / "single/single-sequential-capital-seed1/stage1-capital")}
+    (log,) = (out / "first").glob("capital-seed1-*/train.log")
+    assert log.read_text().count("distributed: NO") == 1  # trained once
 
     # Each method reached the stages after the first.
     replay_cfg = yaml.safe_load((out / "runs/replay-seed1-order1/stage3-river/config.yaml").read_text())

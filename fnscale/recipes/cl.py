@@ -8,13 +8,18 @@ sequence (task loss on its eval data; greedy generations for the accuracy metric
 then the arm's method runs: EWC estimates the task's Fisher, protect-as-you-go finds the task's networks and grows the
 frozen set. A done.json per stage (written last, atomically) makes every finished stage a restart point.
 
-Layout of --output: base/ (the base model scored once), runs/ARM-seedS-orderK/stageN-TASK/ (config.yaml, train.log,
-train/, networks/, protected.json, fisher.safetensors, done.json), single/ (single-task references), data/ (a
-benchmark's files), then cl.json, cl.md and the figures (see fnscale.continual.report).
+Layout of --output: base/ (the base model scored once), first/TASK-seedS-HASH/ (first stages, shared by every job
+that trains one alike: config.yaml, train.log, train/, done.json), runs/ARM-seedS-orderK/stageN-TASK/ (config.yaml,
+train.log, train/, networks/, protected.json, fisher.safetensors, done.json), single/ (single-task references), data/
+(a benchmark's files), then cl.json, cl.md and the figures (see fnscale.continual.report).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import shlex
@@ -286,8 +291,12 @@ def run_job(seq: Sequence, job: Job, out: Path) -> bool:
         done = finished(folder, expected)
         if done is None:
             folder.mkdir(parents=True, exist_ok=True)
-            model = train_stage(seq, opts, folder, f"{job.job_id} stage {k + 1} ({job.order[k]})")
-            scores = score(seq, str(model), names)
+            label = f"{job.job_id} stage {k + 1} ({job.order[k]})"
+            if k == 0:
+                model, scores = first_stage(seq, opts, names, out / "first" / f"{job.order[0]}-seed{job.seed}", label)
+            else:
+                model = train_stage(seq, opts, folder, label)
+                scores = score(seq, str(model), names)
             post = after_stage(seq, job, k, folder, model, prev)
             done = {
                 "job": job.job_id,
@@ -306,6 +315,47 @@ def run_job(seq: Sequence, job: Job, out: Path) -> bool:
             worked = True
         prev_model, prev = done["model"], done
     return worked
+
+
+def first_stage(seq: Sequence, opts: dict, names: list[str], prefix: Path, label: str) -> tuple[Path, dict]:
+    """A stage that starts from the base model, trained and scored once for every job that trains it alike.
+
+    Arms differ from stage 2 on (their methods act on what earlier stages learned), and a task's single-task
+    reference is the first stage of a sequence that starts with it, so most first stages are the same training. The
+    shared one lives in OUT/first/TASK-seedS-HASH (HASH: of its options) and is kept; a lock makes parallel `--only`
+    jobs wait for it rather than train it twice. Returns its model and the named tasks' scores.
+    """
+    options = {k: v for k, v in opts.items() if k != "output_dir"}
+    expected = spec.fingerprint(options, score_options(seq), [vars(t) for t in seq.tasks.values()])
+    digest = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:10]
+    folder = prefix.with_name(f"{prefix.name}-{digest}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / ".lock"):
+        done = finished(folder, expected) or {"job": folder.name, "config": expected, "scores": {}}
+        missing = [n for n in names if n not in done["scores"]]
+        if missing:
+            if done["scores"]:
+                log.info("%s: the shared first stage %s is trained; scoring %s", label, folder.name, missing)
+            opts = {**opts, "output_dir": str(folder / "train")}
+            model = train_stage(seq, opts, folder, label)  # returns at once when trained before
+            done.update(model=str(model), scores={**done["scores"], **score(seq, str(model), missing)})
+            write_json(folder / DONE, done)
+            for ckpt in (folder / "train").glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        else:
+            log.info("%s: reusing the shared first stage %s", label, folder.name)
+    return Path(done["model"]), {n: done["scores"][n] for n in names}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on PATH (flock: released when the process ends, however it ends)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def finished(folder: Path, expected: dict) -> dict | None:
