@@ -173,6 +173,7 @@ def test_arms_run_their_methods_and_protected_neurons_stay_bit_identical(tmp_pat
     md = (out / "cl.md").read_text()
     assert "| protect-random | 1 | 1 |" in md and "FWT (single)" in md
     assert Path(run["figures"]["heatmap"]).read_bytes()[:4] == b"\x89PNG"
+    assert Path(rep["figures"]["arms"]).read_bytes()[:4] == b"\x89PNG" and "](figures/arms.png)" in md
     again = cl.run_cl(path, str(out))
     assert again["trained"] == [] and len(again["skipped"]) == len(seq.jobs)
 

@@ -128,6 +128,7 @@ def write_all(seq, base: dict | None, done: dict, out: Path) -> dict:
     files = {"json": out / "cl.json", "markdown": out / "cl.md"}
     for r in rep["runs"]:
         r["figures"] = plots(r, out / "figures")
+    rep["figures"] = {"arms": str(arms_plot(rep["arms"], out / "figures" / "arms.png"))} if rep["runs"] else {}
     write_json(files["json"], finite({**rep, "files": {k: str(v) for k, v in files.items()}}))
     write_text(files["markdown"], markdown(rep))
     rep["files"] = {k: str(v) for k, v in files.items()}
@@ -165,6 +166,8 @@ def markdown(rep: dict) -> str:
             f"| {name} | {a['runs']} | {','.join(map(str, a['seeds']))} | {_ms(a['AA'], False)} | {_ms(a['BWT'])} | "
             f"{_ms(a['FWT_base'])} | {_ms(a['FWT_single'])} |"
         )
+    if rep.get("figures"):
+        md.append(f"\n![AA and BWT per arm](figures/{Path(rep['figures']['arms']).name})")
     if rep["comparisons"]:
         md += [
             "\n## Paired by seed (a - b, 95% t interval; inside it: not shown)\n",
@@ -240,6 +243,27 @@ def plots(r: dict, folder: Path) -> dict[str, str]:
     fig.tight_layout()
     _save(fig, paths["curves"])
     return {k: str(v) for k, v in paths.items()}
+
+
+def arms_plot(arms: dict, path: Path) -> Path:
+    """AA and BWT per arm: the mean over seeds as a bar, each seed as a dot (how far apart the seeds are)."""
+    from matplotlib.figure import Figure
+
+    names = [n for n, a in arms.items() if a["runs"]]
+    fig = Figure(figsize=(1.1 * len(names) + 3, 3.6))
+    for ax, f in zip(fig.subplots(1, 2), ("AA", "BWT")):
+        for i, n in enumerate(names):
+            seeds = [v for v in arms[n]["per_seed"][f].values() if v is not None]
+            if seeds:
+                ax.bar(i, arms[n][f]["mean"], color="C0" if f == "AA" else "C3", alpha=0.5)
+                ax.plot([i] * len(seeds), seeds, "k.", ms=5)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f, fontsize=9)
+    fig.suptitle("bar: mean over seeds; dot: one seed", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
 
 
 def _save(fig, path: Path) -> None:
