@@ -308,8 +308,7 @@ def run_job(seq: Sequence, job: Job, out: Path) -> bool:
                 **post,
             }
             write_json(folder / DONE, done)
-            for ckpt in Path(opts["output_dir"]).glob("checkpoint-*"):  # only needed to resume this stage
-                shutil.rmtree(ckpt, ignore_errors=True)
+            _drop_checkpoints(Path(opts["output_dir"]))
             if k and seq.keep_models == "last" and job.kind == "sequence":
                 _drop_model(stage_dir(out, job, k - 1))
             worked = True
@@ -340,8 +339,7 @@ def first_stage(seq: Sequence, opts: dict, names: list[str], prefix: Path, label
             model = train_stage(seq, opts, folder, label)  # returns at once when trained before
             done.update(model=str(model), scores={**done["scores"], **score(seq, str(model), missing)})
             write_json(folder / DONE, done)
-            for ckpt in (folder / "train").glob("checkpoint-*"):
-                shutil.rmtree(ckpt, ignore_errors=True)
+            _drop_checkpoints(folder / "train")
         else:
             log.info("%s: reusing the shared first stage %s", label, folder.name)
     return Path(done["model"]), {n: done["scores"][n] for n in names}
@@ -361,6 +359,12 @@ def _locked(path: Path):
 def finished(folder: Path, expected: dict) -> dict | None:
     """The stage's done-marker if made with the expected options; one made with others is refused, not mixed in."""
     return done_with(folder, expected, "options than the sequence file")
+
+
+def _drop_checkpoints(train_dir: Path) -> None:
+    """A finished stage's checkpoints: they only serve to resume it."""
+    for ckpt in train_dir.glob("checkpoint-*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _drop_model(folder: Path) -> None:
